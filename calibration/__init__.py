@@ -1,0 +1,1 @@
+"""lowmag.calibration: calibration sets, INT8 quantization and confidence calibration."""

@@ -1,0 +1,1 @@
+"""lowmag.export: export-student (ONNX, OpenVINO, TensorRT bundles and their parity gates)."""

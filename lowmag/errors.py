@@ -1,0 +1,70 @@
+"""The small exception hierarchy every lowmag stage raises.
+
+Each message names the file involved and what the user can do about it; CLIs turn
+any ``LowmagError`` into a one-line error and exit status 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LowmagError(Exception):
+    """Base of every error lowmag raises on purpose (bad input, refused files)."""
+
+
+class SlideError(LowmagError):
+    """A slide or image that cannot be used; ``path`` names it."""
+
+    def __init__(self, path: str | Path, reason: str, fix: str | None = None) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        self.fix = fix
+        message = f"{self.path}: {reason}"
+        if fix:
+            message += f" Fix: {fix}"
+        super().__init__(message)
+
+
+class UnsupportedSlideError(SlideError):
+    """Neither OpenSlide nor libvips can read the file."""
+
+
+class SlideReadError(SlideError):
+    """The file was recognised but reading pixels or metadata from it failed."""
+
+
+class MissingMppError(SlideError):
+    """The file carries no physical pixel size (µm/px)."""
+
+
+class ImplausibleMppError(SlideError):
+    """The file's µm/px is outside what a slide scanner produces (e.g. 72-dpi tags)."""
+
+
+class SlideTooLargeError(SlideError):
+    """Reading the requested region would exceed a configured pixel budget."""
+
+
+class ResolutionError(LowmagError, ValueError):
+    """A magnification or µm/px string that cannot be understood."""
+
+
+class SpecError(LowmagError):
+    """A ``lowmag.json`` model spec that is malformed, of the wrong version, or unmet."""
+
+    def __init__(self, path: str | Path | None, problems: list[str] | str) -> None:
+        self.path = Path(path) if path is not None else None
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        where = f"{self.path}: " if self.path is not None else ""
+        if len(self.problems) == 1:
+            message = f"{where}{self.problems[0]}"
+        else:
+            message = f"{where}{len(self.problems)} problems:\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(message)
+
+
+class ArtifactHashError(SpecError):
+    """A file in a bundle or checkpoint does not match the sha256 its spec records."""

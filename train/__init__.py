@@ -1,0 +1,1 @@
+"""lowmag.train: distill-train (teacher, baselines, distillation, evaluation). Needs torch."""
