@@ -1,0 +1,240 @@
+"""The one function that turns a slide into RGB pixels at a target µm/px.
+
+Training caches, calibration sets, parity checks and the edge runner all call
+``read_at_mpp``; if two code paths resampled, they would drift.
+
+How it reads (``PREPROCESSING_VERSION`` names this recipe in every model spec):
+
+1. Choose the source level: the coarsest pyramid level whose µm/px is at most the
+   target (levels within 1% of the target count as matching), or level 0 when
+   ``exact=True`` (the paper's protocol: resample from the original resolution).
+2. Box-average by an integer factor ``k = floor(f / 2)``, where ``f`` is the remaining
+   downsampling factor, in horizontal stripes so memory stays bounded however large the
+   region. This is what libvips itself does before a large Lanczos reduction (its
+   "reducing gap"); doing it explicitly makes the result independent of stripe size.
+3. Resample the rest of the way (a factor below 4) with libvips Lanczos3 to exactly
+   ``round(size_um / target_mpp)`` pixels on each axis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from lowmag.errors import SlideReadError, SlideTooLargeError
+from lowmag.resolution import Resolution
+from lowmag.slide import Slide
+
+#: Names the reading recipe above; bump it whenever the pixels it yields change.
+PREPROCESSING_VERSION = "lowmag-read-1"
+
+#: Levels whose µm/px is within this fraction above the target are used as matching.
+LEVEL_MATCH_TOLERANCE = 0.01
+
+#: Pyramid check: window side (level pixels) and the largest tolerated mean difference.
+PYRAMID_CHECK_WINDOW = 256
+PYRAMID_MISMATCH_LIMIT = 20.0
+
+#: Largest block of source pixels held in memory at once while reading.
+DEFAULT_STRIPE_PIXELS = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Region:
+    """A rectangle in level-0 pixel coordinates."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(f"region must have a positive size, got {self.width}x{self.height}")
+
+
+def output_size(slide: Slide, target_mpp: float, region: Region | None = None) -> tuple[int, int]:
+    """(width, height) in pixels that ``read_at_mpp`` returns for this target."""
+    info = slide.info
+    w0 = region.width if region else info.width
+    h0 = region.height if region else info.height
+    return (
+        max(1, int(round(w0 * info.mpp_x / target_mpp))),
+        max(1, int(round(h0 * info.mpp_y / target_mpp))),
+    )
+
+
+def choose_level(slide: Slide, target_mpp: float) -> int:
+    """Index of the coarsest readable level at least as fine as ``target_mpp`` (1% tolerance)."""
+    best = 0
+    for level in slide.info.levels:
+        if level.index in slide.unreadable_levels:
+            continue
+        if max(level.mpp_x, level.mpp_y) <= target_mpp * (1.0 + LEVEL_MATCH_TOLERANCE):
+            if level.downsample > slide.info.levels[best].downsample:
+                best = level.index
+    return best
+
+
+def read_at_mpp(
+    slide: Slide,
+    target: float | Resolution | str,
+    region: Region | None = None,
+    *,
+    exact: bool = False,
+    max_output_pixels: int | None = None,
+    stripe_pixels: int = DEFAULT_STRIPE_PIXELS,
+) -> np.ndarray:
+    """RGB uint8 array (H, W, 3) of the slide (or a level-0 ``region``) at ``target``.
+
+    ``target`` is µm/px as a number, a ``Resolution``, or a string such as ``"1.25x"``.
+    ``exact=True`` resamples from level 0 instead of the nearest finer pyramid level.
+    ``max_output_pixels`` refuses reads whose result would be larger (``SlideTooLargeError``).
+    """
+    target_mpp = resolve_target_mpp(slide, target)
+    info = slide.info
+    if region is None:
+        region = Region(0, 0, info.width, info.height)
+    out_w, out_h = output_size(slide, target_mpp, region)
+    if max_output_pixels is not None and out_w * out_h > max_output_pixels:
+        raise SlideTooLargeError(
+            info.path,
+            f"at {target_mpp:g} µm/px the image would be {out_w}x{out_h} pixels, more than "
+            f"the budget of {max_output_pixels:,}.",
+            "raise the pixel budget or read a smaller region or a lower magnification.",
+        )
+
+    if not exact:
+        verify_pyramid(slide)
+    while True:
+        level = info.levels[0 if exact else choose_level(slide, target_mpp)]
+        try:
+            return _read_from_level(slide, level.index, region, out_w, out_h, stripe_pixels)
+        except SlideReadError as error:
+            # Some files have pyramid levels OpenSlide cannot decode (e.g. DICOM series
+            # whose edge frames are not padded to the tile size): fall back to finer levels.
+            if level.index == 0:
+                raise
+            slide.mark_level_unreadable(level.index, error.__cause__ or error)
+
+
+def _read_from_level(
+    slide: Slide, level_index: int, region: Region, out_w: int, out_h: int, stripe_pixels: int
+) -> np.ndarray:
+    level = slide.info.levels[level_index]
+    # The region in source-level pixels (sub-pixel offsets at coarse levels are dropped).
+    lx = int(math.floor(region.x / level.downsample))
+    ly = int(math.floor(region.y / level.downsample))
+    lw = max(1, int(math.ceil((region.x + region.width) / level.downsample)) - lx)
+    lh = max(1, int(math.ceil((region.y + region.height) / level.downsample)) - ly)
+
+    factor = min(lw / out_w, lh / out_h)
+    k = max(1, int(factor // 2))
+    shrunk = _read_box_shrunk(slide, level_index, lx, ly, lw, lh, k, stripe_pixels)
+    return _lanczos_to(shrunk, out_w, out_h)
+
+
+def verify_pyramid(slide: Slide) -> frozenset[int]:
+    """Check, once per open slide, that each coarser level shows what the finer ones do.
+
+    Some files carry pyramid levels that decode to wrong pixels without any error (a
+    DICOM series whose downsampled frames are YCbCr labelled as RGB, for example) or
+    that fail to decode at their edges. Each level is compared with the coarsest
+    already-verified finer level on three windows, as 16 x 16 block means; a level whose
+    median mean-absolute difference exceeds ``PYRAMID_MISMATCH_LIMIT`` (0-255 scale), or
+    that cannot be decoded, is marked unreadable and reads fall back to finer levels.
+    Returns the unreadable levels.
+    """
+    if slide.pyramid_verified:
+        return slide.unreadable_levels
+    info = slide.info
+    reference = info.levels[0]
+    for level in info.levels[1:]:
+        if level.index in slide.unreadable_levels:
+            continue
+        side = min(PYRAMID_CHECK_WINDOW, level.width, level.height)
+        summary = max(1, min(16, side))
+        w0 = min(info.width, int(round(side * level.downsample)))
+        h0 = min(info.height, int(round(side * level.downsample)))
+        differences = []
+        try:
+            for fx, fy in ((0.5, 0.5), (0.25, 0.25), (0.75, 0.75)):
+                x = int(max(0, min(info.width - w0, fx * info.width - w0 / 2)))
+                y = int(max(0, min(info.height - h0, fy * info.height - h0 / 2)))
+                window = Region(x, y, w0, h0)
+                coarse = _read_from_level(slide, level.index, window, summary, summary, DEFAULT_STRIPE_PIXELS)
+                fine = _read_from_level(slide, reference.index, window, summary, summary, DEFAULT_STRIPE_PIXELS)
+                differences.append(float(np.abs(coarse.astype(np.float32) - fine).mean()))
+        except SlideReadError as error:
+            slide.mark_level_unreadable(level.index, error.__cause__ or error)
+            continue
+        mismatch = float(np.median(differences))
+        if mismatch > PYRAMID_MISMATCH_LIMIT:
+            slide.mark_level_unreadable(
+                level.index,
+                ValueError(
+                    f"its pixels differ from level {reference.index} by {mismatch:.0f}/255 on "
+                    "average (wrong colours or geometry)"
+                ),
+            )
+            continue
+        reference = level
+    slide.pyramid_verified = True
+    return slide.unreadable_levels
+
+
+def resolve_target_mpp(slide: Slide, target: float | Resolution | str) -> float:
+    """µm/px of a target given as a number (µm/px), a Resolution or a string."""
+    if isinstance(target, str):
+        target = Resolution.parse(target)
+    if isinstance(target, Resolution):
+        return target.to_mpp(slide.info.mpp)
+    value = float(target)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"target µm/px must be positive, got {target!r}")
+    return value
+
+
+def _stripes(height: int, width: int, k: int, stripe_pixels: int) -> Iterator[tuple[int, int]]:
+    rows = max(k, (max(1, stripe_pixels // max(width, 1)) // k) * k)
+    for top in range(0, height, rows):
+        yield top, min(rows, height - top)
+
+
+def _read_box_shrunk(
+    slide: Slide, level: int, lx: int, ly: int, lw: int, lh: int, k: int, stripe_pixels: int
+) -> np.ndarray:
+    """Read a level region stripe by stripe, box-averaging each k x k block."""
+    if k == 1:
+        parts = [slide.read_region(level, lx, ly + top, lw, rows) for top, rows in _stripes(lh, lw, 1, stripe_pixels)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    out_w = lw // k
+    parts = []
+    for top, rows in _stripes(lh, lw, k, stripe_pixels):
+        usable = (rows // k) * k
+        if usable == 0:
+            continue
+        block = slide.read_region(level, lx, ly + top, out_w * k, usable)
+        shrunk = block.reshape(usable // k, k, out_w, k, 3).mean(axis=(1, 3), dtype=np.float32)
+        parts.append(np.clip(np.rint(shrunk), 0, 255).astype(np.uint8))
+    # k <= factor / 2 <= lh / 2, so the first stripe always holds at least one block row.
+    return np.concatenate(parts, axis=0)
+
+
+def _lanczos_to(pixels: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+    """Resample an RGB array to exactly (out_h, out_w) with libvips Lanczos3."""
+    import pyvips
+
+    h, w = pixels.shape[:2]
+    if (w, h) == (out_w, out_h):
+        return np.ascontiguousarray(pixels)
+    image = pyvips.Image.new_from_array(np.ascontiguousarray(pixels), interpretation="srgb")
+    resized = image.resize(out_w / w, vscale=out_h / h, kernel="lanczos3", gap=0.0)
+    if (resized.width, resized.height) != (out_w, out_h):
+        # libvips rounds the output size; pad by edge replication or crop to the exact size.
+        resized = resized.gravity("north-west", max(out_w, resized.width), max(out_h, resized.height), extend="copy")
+        resized = resized.crop(0, 0, out_w, out_h)
+    return np.ascontiguousarray(resized.numpy().reshape(out_h, out_w, 3))
