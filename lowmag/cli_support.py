@@ -1,0 +1,66 @@
+"""What every lowmag command line shares: error handling, logging, common options."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+import click
+
+from lowmag import __version__
+from lowmag.errors import LowmagError
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our own errors into a one-line message and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LowmagError as error:
+            raise click.ClickException(str(error)) from error
+
+    return wrapper
+
+
+def configure_logging(verbose: int = 0) -> None:
+    """Log warnings (and info with -v, debug with -vv) to stderr; entry points only."""
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def version_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.version_option(__version__, prog_name="lowmag", message="%(prog)s %(version)s")
+
+
+def verbose_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(func)
+
+
+def assume_mpp_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--assume-mpp",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        metavar="UM_PER_PX",
+        help="Level-0 µm/px to use when a file has none or an implausible one "
+        "(required for plain images). Overrides the metadata.",
+    )(func)
+
+
+class ResolutionType(click.ParamType):
+    """A click parameter for '1.25x', '8um' or 'scan/4'."""
+
+    name = "resolution"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from lowmag.resolution import Resolution
+
+        if not isinstance(value, str):
+            return value
+        try:
+            return Resolution.parse(value)
+        except LowmagError as error:
+            self.fail(str(error), param, ctx)
