@@ -1,27 +1,13 @@
-"""``export-student``: Turn a trained student into a deployable ONNX / OpenVINO / TensorRT bundle.
-
-The command group exists so the entry point, ``--help`` and ``--version`` work from the
-first release; its subcommands arrive with the export-student issue (#4).
-"""
+"""``export-student``: Turn a trained student into a deployable ONNX / OpenVINO / TensorRT bundle."""
 
 from __future__ import annotations
 
-import click
+from lowmag.cli_support import stage_group
 
-from lowmag.cli_support import configure_logging, verbose_option, version_option
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@version_option()
-@verbose_option
-def main(verbose: int) -> None:
-    """Turn a trained student into a deployable ONNX / OpenVINO / TensorRT bundle.
-
-    No subcommands yet: they land with the export-student issue (#4). Meanwhile `lowmag info|read|tissue`
-    shows how slides are opened, read at a magnification and searched for tissue.
-    """
-    configure_logging(verbose)
-
+main = stage_group(
+    "Turn a trained student into a deployable ONNX / OpenVINO / TensorRT bundle.",
+    pending="the export-student issue (#4)",
+)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -14,22 +14,10 @@ from pathlib import Path
 
 import click
 
-from lowmag.cli_support import (
-    ResolutionType,
-    assume_mpp_option,
-    configure_logging,
-    handle_errors,
-    verbose_option,
-    version_option,
-)
+from lowmag.cli_support import ResolutionType, assume_mpp_option, handle_errors, stage_group
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@version_option()
-@verbose_option
-def main(verbose: int) -> None:
-    """Inspect, read and locate tissue on whole-slide images as lowmag does."""
-    configure_logging(verbose)
+main = stage_group("Inspect, read and locate tissue on whole-slide images as lowmag does.")
 
 
 @main.command()

@@ -64,3 +64,24 @@ class ResolutionType(click.ParamType):
             return Resolution.parse(value)
         except LowmagError as error:
             self.fail(str(error), param, ctx)
+
+
+def stage_group(summary: str, pending: str | None = None) -> click.Group:
+    """The top-level click group of a stage command, with --version and -v.
+
+    ``pending`` says which issue brings the subcommands, while there are none yet.
+    """
+    doc = summary
+    if pending:
+        doc += (
+            f"\n\nNo subcommands yet: they land with {pending}. Meanwhile `lowmag info|read|tissue` "
+            "shows how slides are opened, read at a magnification and searched for tissue."
+        )
+
+    @click.group(help=doc, context_settings={"help_option_names": ["-h", "--help"]})
+    @version_option()
+    @verbose_option
+    def group(verbose: int) -> None:
+        configure_logging(verbose)
+
+    return group
