@@ -160,16 +160,19 @@ def verify_pyramid(slide: Slide) -> frozenset[int]:
         w0 = min(info.width, int(round(side * level.downsample)))
         h0 = min(info.height, int(round(side * level.downsample)))
         differences = []
-        try:
-            for fx, fy in ((0.5, 0.5), (0.25, 0.25), (0.75, 0.75)):
-                x = int(max(0, min(info.width - w0, fx * info.width - w0 / 2)))
-                y = int(max(0, min(info.height - h0, fy * info.height - h0 / 2)))
-                window = Region(x, y, w0, h0)
+        for fx, fy in ((0.5, 0.5), (0.25, 0.25), (0.75, 0.75)):
+            x = int(max(0, min(info.width - w0, fx * info.width - w0 / 2)))
+            y = int(max(0, min(info.height - h0, fy * info.height - h0 / 2)))
+            window = Region(x, y, w0, h0)
+            try:
                 coarse = _read_from_level(slide, level.index, window, summary, summary, DEFAULT_STRIPE_PIXELS)
-                fine = _read_from_level(slide, reference.index, window, summary, summary, DEFAULT_STRIPE_PIXELS)
-                differences.append(float(np.abs(coarse.astype(np.float32) - fine).mean()))
-        except SlideReadError as error:
-            slide.mark_level_unreadable(level.index, error.__cause__ or error)
+            except SlideReadError as error:
+                slide.mark_level_unreadable(level.index, error.__cause__ or error)
+                break
+            # A failure at the reference level is not this level's fault: it propagates.
+            fine = _read_from_level(slide, reference.index, window, summary, summary, DEFAULT_STRIPE_PIXELS)
+            differences.append(float(np.abs(coarse.astype(np.float32) - fine).mean()))
+        if level.index in slide.unreadable_levels:
             continue
         mismatch = float(np.median(differences))
         if mismatch > PYRAMID_MISMATCH_LIMIT:
