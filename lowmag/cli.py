@@ -78,7 +78,7 @@ def read(slide_path: Path, target, out: Path, exact: bool, region: str | None,
          max_pixels: int, assume_mpp: float | None) -> None:
     """Write SLIDE (or a region) at a target magnification as a PNG."""
     from lowmag.draw import save_png
-    from lowmag.reader import Region, read_at_mpp, resolve_target_mpp
+    from lowmag.reader import read_at_mpp, resolve_target_mpp
     from lowmag.slide import open_slide
 
     box = _parse_region(region) if region else None
@@ -176,12 +176,10 @@ def _parse_region(text: str):
 
 def _write_thumbnail(slide, boxes, path: Path) -> None:
     from lowmag.draw import draw_boxes, save_png
-    from lowmag.reader import read_at_mpp
+    from lowmag.reader import mpp_for_longest_side, read_at_mpp
 
     info = slide.info
-    longest_um = max(info.width * info.mpp_x, info.height * info.mpp_y)
-    mpp = max(info.mpp, longest_um / 1024)
-    pixels = read_at_mpp(slide, mpp)
+    pixels = read_at_mpp(slide, mpp_for_longest_side(slide, 1024))
     scale = (pixels.shape[1] / info.width, pixels.shape[0] / info.height)
     save_png(draw_boxes(pixels, boxes, scale), path)
 

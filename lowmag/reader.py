@@ -67,6 +67,13 @@ def output_size(slide: Slide, target_mpp: float, region: Region | None = None) -
     )
 
 
+def mpp_for_longest_side(slide: Slide, pixels: int) -> float:
+    """µm/px at which the slide's longest side spans ``pixels``, never finer than its scan."""
+    info = slide.info
+    longest_um = max(info.width * info.mpp_x, info.height * info.mpp_y)
+    return max(info.mpp, longest_um / pixels)
+
+
 def choose_level(slide: Slide, target_mpp: float) -> int:
     """Index of the coarsest readable level at least as fine as ``target_mpp`` (1% tolerance)."""
     best = 0

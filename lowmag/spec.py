@@ -117,7 +117,7 @@ class ModelSpec:
             raise SpecError(path, problems)
         try:
             return cls(
-                classes=tuple(data["classes"]) if isinstance(data["classes"], list) else data["classes"],
+                classes=_tuple(data["classes"]),
                 target_mpp=data["target_mpp"],
                 magnification=data.get("magnification", ""),
                 normalization=Normalization(

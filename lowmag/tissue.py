@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lowmag.reader import Region, read_at_mpp
+from lowmag.reader import Region, mpp_for_longest_side, read_at_mpp
 from lowmag.slide import Slide
 
 logger = logging.getLogger(__name__)
@@ -90,9 +90,7 @@ class TissueBox:
 
 def analysis_mpp(slide: Slide, params: TissueParams = TissueParams()) -> float:
     """µm/px at which the tissue mask of this slide is computed."""
-    info = slide.info
-    longest_um = max(info.width * info.mpp_x, info.height * info.mpp_y)
-    return max(params.min_mpp, longest_um / params.analysis_side, info.mpp)
+    return max(params.min_mpp, mpp_for_longest_side(slide, params.analysis_side))
 
 
 def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams()) -> np.ndarray:
