@@ -29,6 +29,8 @@ def configure_logging(verbose: int = 0) -> None:
     """Log warnings (and info with -v, debug with -vv) to stderr; entry points only."""
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    # libvips reports every thread pool it finishes at INFO; keep its warnings only.
+    logging.getLogger("pyvips").setLevel(max(level, logging.WARNING))
 
 
 def version_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
