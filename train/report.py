@@ -1,0 +1,301 @@
+"""Results of a distill-train run as JSON, Markdown tables and an accuracy-vs-cost plot.
+
+A *result row* is one evaluated model::
+
+    {"name": "distill-labeled-10x", "phase": "distill", "method": "Distillation (labeled)",
+     "magnification": "10x", "mpp": 0.99, "input_px": 72, "gflops": 0.19,
+     "metrics": <classification_metrics(...) dict>}
+
+The tables follow DiPalma et al., "Resolution-Based Distillation for Efficient
+Histology Image Classification" (Tables 3 and 4): grouped by magnification from the
+finest resolution down, teacher first, each metric with its bootstrap CI. The plot
+follows their Figure 3: accuracy against GFLOPs on a log axis, one series per method.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowmag.errors import LowmagError
+from lowmag.io import atomic_write_bytes, atomic_write_text
+from lowmag.train.metrics import format_percent_ci
+
+logger = logging.getLogger(__name__)
+
+PHASES = ("teacher", "baseline", "distill", "finetune")
+_REQUIRED = ("name", "phase", "method", "magnification", "mpp", "metrics")
+_TABLE_METRICS = (("Accuracy", "accuracy"), ("F1", "macro_f1"),
+                  ("Precision", "macro_precision"), ("Recall", "macro_recall"))
+# Meta items shown in the results.md header, in this order, with these labels.
+_META_LABELS = {
+    "command": "Command",
+    "machine": "Machine",
+    "wall_time_s": "Wall time",
+    "wall_time": "Wall time",
+    "git_sha": "Git SHA",
+    "lowmag_version": "lowmag version",
+    "started": "Started",
+    "finished": "Finished",
+}
+JSON_NAME = "results.json"
+MARKDOWN_NAME = "results.md"
+PLOT_NAME = "accuracy_vs_gflops.png"
+
+
+def _check_rows(rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        raise LowmagError("no result rows to report: evaluate at least one model first.")
+    for row in rows:
+        missing = [key for key in _REQUIRED if key not in row]
+        if missing:
+            raise LowmagError(
+                f"result row {row.get('name', '?')!r} lacks {', '.join(missing)}; "
+                f"every row needs {', '.join(_REQUIRED)}."
+            )
+        if row["phase"] not in PHASES:
+            raise LowmagError(
+                f"result row {row['name']!r} has phase {row['phase']!r}; "
+                f"expected one of {', '.join(PHASES)}."
+            )
+
+
+def order_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows by decreasing resolution (increasing µm/px), then teacher, baseline, distill, finetune.
+
+    The sort is stable, so methods of the same phase keep the order they were given in.
+    """
+    _check_rows(rows)
+    return sorted(rows, key=lambda row: (float(row["mpp"]), PHASES.index(row["phase"])))
+
+
+def _escape(text: Any) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _format_gflops(gflops: float | None) -> str:
+    if gflops is None:
+        return "–"
+    return f"{gflops:.0f}" if gflops >= 100 else f"{gflops:.3g}"
+
+
+def _caption(rows: Sequence[dict[str, Any]]) -> str:
+    counts = sorted({row["metrics"]["n"] for row in rows})
+    n_text = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    boot = rows[0]["metrics"].get("bootstrap", {})
+    if boot.get("resamples"):
+        interval = (f"with {100.0 * boot['ci']:g}% percentile bootstrap confidence intervals "
+                    f"({boot['resamples']} resamples)")
+    else:
+        interval = "without confidence intervals"
+    return (f"Test-set metrics in percent {interval}; N = {n_text} test items. "
+            "F1, precision and recall are macro averages over classes.")
+
+
+def _class_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    names: list[str] = []
+    for row in rows:
+        names += [name for name in row["metrics"]["classes"] if name not in names]
+    return names
+
+
+def render_markdown(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:
+    """The results as GitHub Markdown: a table grouped by magnification, then per-class F1.
+
+    Magnification and input size are written on the first row of each group only, as in
+    the paper's tables; the per-class table repeats them so each row stands alone.
+    """
+    ordered = order_rows(rows)
+    lines: list[str] = []
+    if title:
+        lines += [f"## {title}", ""]
+    lines += [
+        _caption(ordered),
+        "",
+        "| Magnification | Input (px) | Method | GFLOPs | Accuracy | F1 | Precision | Recall |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    previous_group = None
+    for row in ordered:
+        group = (row["magnification"], float(row["mpp"]))
+        first = group != previous_group
+        previous_group = group
+        magnification = _escape(row["magnification"]) if first else ""
+        input_px = str(row.get("input_px", "–")) if first else ""
+        metrics = " | ".join(format_percent_ci(row["metrics"][key]) for _, key in _TABLE_METRICS)
+        lines.append(
+            f"| {magnification} | {input_px} | {_escape(row['method'])} "
+            f"| {_format_gflops(row.get('gflops'))} | {metrics} |"
+        )
+
+    classes = _class_names(ordered)
+    lines += [
+        "",
+        "Per-class F1 (%):",
+        "",
+        "| Magnification | Method | " + " | ".join(_escape(name) for name in classes) + " |",
+        "|---|---|" + "---:|" * len(classes),
+    ]
+    for row in ordered:
+        per_class = row["metrics"]["per_class"]
+        cells = [f"{100.0 * per_class[name]['f1']:.1f}" if name in per_class else "–"
+                 for name in classes]
+        lines.append(f"| {_escape(row['magnification'])} | {_escape(row['method'])} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _has_gflops(row: dict[str, Any]) -> bool:
+    gflops = row.get("gflops")
+    return gflops is not None and bool(np.isfinite(gflops)) and gflops > 0
+
+
+def _plottable(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    kept = []
+    for row in rows:
+        if not _has_gflops(row):
+            logger.warning("result row %r has no positive GFLOPs; left out of the plot", row["name"])
+            continue
+        kept.append(row)
+    return kept
+
+
+def plot_accuracy_vs_gflops(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write a PNG of accuracy (%, with CI error bars) against GFLOPs on a log axis.
+
+    One line per method through its magnifications, each point labelled with its
+    magnification; a teacher is a single star. Rows without positive GFLOPs are left
+    out (with a warning); if none remain this raises ``LowmagError``.
+    """
+    # matplotlib is imported here so that metrics-only users never pay for it. The
+    # Figure is built on an Agg canvas directly, never through pyplot, so no global
+    # backend is switched and no figure is left registered anywhere.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = _plottable(order_rows(rows))
+    if not rows:
+        raise LowmagError(f"cannot plot {path}: no result row has a positive GFLOPs value.")
+    series: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        series.setdefault(row["method"], []).append(row)
+
+    fig = Figure(figsize=(7.0, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    labels: dict[tuple[float, str], float] = {}
+    for method, members in series.items():
+        members = sorted(members, key=lambda row: row["gflops"])
+        x = np.array([row["gflops"] for row in members], dtype=float)
+        acc = [row["metrics"]["accuracy"] for row in members]
+        y = np.array([100.0 * entry["value"] for entry in acc])
+        has_ci = all(entry.get("ci_low") is not None for entry in acc)
+        yerr = (np.array([[y_i - 100.0 * e["ci_low"], 100.0 * e["ci_high"] - y_i]
+                          for y_i, e in zip(y, acc)]).T if has_ci else None)
+        if all(row["phase"] == "teacher" for row in members):
+            style = {"fmt": "*", "markersize": 14, "color": "black"}
+        else:
+            style = {"fmt": "-o", "markersize": 5}
+        ax.errorbar(x, y, yerr=yerr, capsize=3, label=method, **style)
+        for x_i, y_i, row in zip(x, y, members):
+            key = (float(x_i), str(row["magnification"]))
+            labels[key] = max(labels.get(key, -np.inf), float(y_i))
+    # One label per (GFLOPs, magnification), beside its highest point: methods at the
+    # same magnification share an x and would otherwise print it on top of each other.
+    for (x_i, magnification), y_i in labels.items():
+        ax.annotate(magnification, (x_i, y_i), xytext=(5, 5),
+                    textcoords="offset points", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("GFLOPs per tile (log scale)")
+    ax.set_ylabel("Accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150)
+    fig.clear()
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _format_wall_time(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def _meta_header(meta: dict[str, Any]) -> list[str]:
+    lines = []
+    shown = [key for key in _META_LABELS if meta.get(key) is not None]
+    shown += [key for key, value in meta.items()
+              if key not in _META_LABELS and key != "title"
+              and isinstance(value, (str, int, float, bool))]
+    for key in shown:
+        value = meta[key]
+        if key == "wall_time_s" or (key == "wall_time" and isinstance(value, (int, float))):
+            text = _format_wall_time(value)
+        elif key in ("command", "git_sha"):
+            text = f"`{value}`"
+        else:
+            text = str(value)
+        lines.append(f"- {_META_LABELS.get(key, key)}: {text}")
+    return lines
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path,
+                 meta: dict[str, Any]) -> dict[str, Path]:
+    """Write results.json, results.md and accuracy_vs_gflops.png into ``out_dir``, atomically.
+
+    ``meta`` (command, machine, wall_time_s, git_sha, ... as available) goes into the JSON
+    whole and, where its items are plain values, into the Markdown header. The plot is
+    skipped with a warning when no row has GFLOPs. Returns ``{"json", "markdown"[, "plot"]}``.
+    """
+    _check_rows(rows)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        text = json.dumps({"meta": meta, "results": list(rows)}, indent=2,
+                          ensure_ascii=False, default=_to_json)
+    except (TypeError, ValueError) as err:
+        raise LowmagError(f"cannot write {out_dir / JSON_NAME}: {err}") from err
+
+    paths: dict[str, Path] = {}
+    if any(_has_gflops(row) for row in rows):
+        paths["plot"] = plot_accuracy_vs_gflops(rows, out_dir / PLOT_NAME)
+    else:
+        logger.warning("no result row has GFLOPs; %s not written", out_dir / PLOT_NAME)
+
+    lines = [f"# {meta.get('title') or 'distill-train results'}", ""]
+    header = _meta_header(meta)
+    if header:
+        lines += header + [""]
+    markdown = "\n".join(lines) + "\n" + render_markdown(rows)
+    if "plot" in paths:
+        markdown += f"\n![Accuracy against GFLOPs]({PLOT_NAME})\n"
+    paths["markdown"] = out_dir / MARKDOWN_NAME
+    atomic_write_text(paths["markdown"], markdown)
+    paths["json"] = out_dir / JSON_NAME
+    atomic_write_text(paths["json"], text + "\n")
+    logger.info("wrote %s", ", ".join(str(path) for path in paths.values()))
+    return paths
