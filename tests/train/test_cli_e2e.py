@@ -1,0 +1,138 @@
+"""distill-train as a user runs it: every phase on CPU, the report, evaluate, and resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lowmag.spec import read_spec, verify_artifacts
+from lowmag.train.cli import main
+
+from .conftest import CLASSES, SIDE, make_image_folder
+
+EXPECTED_STEPS = [
+    "teacher-scan",
+    "baseline-scan_2",
+    "distill-labeled-both-att0.5-scan_2",
+    "finetune-labeled-both-att0.5-scan_2",
+    "distill-aux-both-att0.5-scan_2",
+    "finetune-aux-both-att0.5-scan_2",
+    "distill-labeled-maxpool-att0.5-scan_2",
+]
+
+
+def _invoke(args: list[str]) -> str:
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_run_trains_every_phase_and_writes_the_report(tiny_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _invoke(["run", str(tiny_config), "--out", str(out)])
+
+    steps = sorted(p.name for p in (out / "steps").iterdir())
+    assert steps == sorted(EXPECTED_STEPS)
+    for name in EXPECTED_STEPS:
+        folder = out / "steps" / name
+        spec = read_spec(folder)
+        verify_artifacts(spec, folder)  # the checkpoint is complete and intact
+        assert spec.classes == CLASSES
+        assert not (folder / "train_state.pt").exists()
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["metrics"]["n"] == 9  # one held-out group of 3 tiles per class
+        assert 0.0 <= metrics["metrics"]["macro_f1"]["value"] <= 1.0
+    teacher = read_spec(out / "steps/teacher-scan")
+    student = read_spec(out / "steps/baseline-scan_2")
+    assert teacher.target_mpp == pytest.approx(0.5) and student.target_mpp == pytest.approx(1.0)
+    assert teacher.normalization == student.normalization  # one standardisation, from labeled training data
+    assert teacher.provenance.config["experiment"]["seed"] == 1
+    distilled = json.loads((out / "steps/distill-aux-both-att0.5-scan_2/lowmag.json").read_text())
+    assert distilled["provenance"]["config"]["regime"] == "labeled+unlabeled"
+
+    rows = json.loads((out / "report/results.json").read_text())["results"]
+    assert {r["name"] for r in rows} == set(EXPECTED_STEPS)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["teacher-scan"]["input_px"] == SIDE
+    assert by_name["baseline-scan_2"]["input_px"] == SIDE // 2
+    assert by_name["teacher-scan"]["gflops"] > 3 * by_name["baseline-scan_2"]["gflops"]
+    markdown = (out / "report/results.md").read_text()
+    assert "Baseline (from scratch)" in markdown and "Distillation (labeled + unlabeled" in markdown
+    assert (out / "report/accuracy_vs_gflops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    splits = json.loads((out / "splits.json").read_text())
+    unlabeled = splits["summary"]["unlabeled"]["per_class"]
+    assert list(unlabeled) == ["(unlabeled)"]  # auxiliary labels are dropped
+    assert set(splits["items"]["labeled"]).isdisjoint(splits["items"]["test"])
+
+    # A second run finds every step finished and retrains nothing.
+    before = {n: (out / "steps" / n / "model.safetensors").stat().st_mtime_ns for n in EXPECTED_STEPS}
+    _invoke(["run", str(tiny_config), "--out", str(out)])
+    after = {n: (out / "steps" / n / "model.safetensors").stat().st_mtime_ns for n in EXPECTED_STEPS}
+    assert before == after
+
+    # evaluate: any checkpoint on any class-folder layout, at the checkpoint's magnification.
+    metrics_path = tmp_path / "metrics.json"
+    printed = _invoke([
+        "evaluate", "--checkpoint", str(out / "steps/baseline-scan_2"), "--images",
+        str(make_image_folder(tmp_path / "unseen", per_class=5, seed=7)), "--mpp", "0.5",
+        "--center-crop", str(SIDE), "--bootstrap", "100", "--out", str(metrics_path),
+    ])
+    assert "Macro F1" in printed and "c_flat" in printed
+    result = json.loads(metrics_path.read_text())
+    assert result["target_mpp"] == pytest.approx(1.0)
+    assert result["metrics"]["n"] == 15 and result["metrics"]["input_px"] == SIDE // 2
+    assert result["metrics"]["macro_f1"]["ci_low"] <= result["metrics"]["macro_f1"]["value"]
+
+
+def test_a_changed_config_is_refused_for_an_existing_run(tiny_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _invoke(["teacher", str(tiny_config), "--out", str(out)])
+    tiny_config.write_text(tiny_config.read_text().replace("temperature = 2.0", "temperature = 3.0"))
+    result = CliRunner().invoke(main, ["teacher", str(tiny_config), "--out", str(out)])
+    assert result.exit_code == 1
+    assert "different config" in result.output and "distill" in result.output
+
+
+def test_distill_before_the_teacher_says_what_to_run(tiny_config: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["distill", str(tiny_config), "--out", str(tmp_path / "r"), "--resolution", "scan/2"])
+    assert result.exit_code == 1
+    assert "no finished teacher" in result.output and "distill-train teacher" in result.output
+
+
+def test_evaluate_refuses_a_folder_with_other_classes(tiny_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _invoke(["teacher", str(tiny_config), "--out", str(out)])
+    other = make_image_folder(tmp_path / "other", per_class=2)
+    (other / "a_stripes").rename(other / "zz_unknown")
+    result = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(out / "steps/teacher-scan"),
+                                       "--images", str(other), "--mpp", "0.5"])
+    assert result.exit_code == 1
+    assert "zz_unknown" in result.output and "not classes of this model" in result.output
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_steps(tiny_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    teacher_spec = out / "steps/teacher-scan/lowmag.json"
+    command = [sys.executable, "-m", "lowmag.train.cli", "run", str(tiny_config), "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 300
+    while not teacher_spec.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    process.kill()  # interrupted somewhere after the teacher finished
+    process.wait()
+    assert teacher_spec.exists(), "the teacher step never finished"
+    teacher_written = (out / "steps/teacher-scan/model.safetensors").stat().st_mtime_ns
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "teacher-scan: already trained, skipping" in resumed.stderr
+    assert (out / "steps/teacher-scan/model.safetensors").stat().st_mtime_ns == teacher_written
+    assert (out / "report/results.md").is_file()
+    assert len(list((out / "steps").glob("*/metrics.json"))) == len(EXPECTED_STEPS)

@@ -1,0 +1,215 @@
+"""One experiment's data, splits, caches and run folder, shared by every phase.
+
+A run folder holds ``config.json`` (the resolved config), ``splits.json`` (which items went
+where), ``cache/`` (pixels per µm/px) and ``steps/<name>/`` (one checkpoint per step, with
+its training history and test metrics). Rerunning with the same folder reuses all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+from lowmag.errors import LowmagError
+from lowmag.io import atomic_write_text
+from lowmag.resolution import Resolution, format_magnification
+from lowmag.spec import ModelSpec, Normalization, new_provenance
+from lowmag.train.cache import PixelCache, build_cache, channel_stats
+from lowmag.train.config import ExperimentConfig
+from lowmag.train.data import Item, describe, scan_image_folder, scan_slide_list, split_by_group
+from lowmag.train.engine import Runtime
+
+log = logging.getLogger(__name__)
+
+LABELED, UNLABELED = "labeled", "unlabeled"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One model the experiment trains."""
+
+    phase: str  # teacher | baseline | distill | finetune
+    resolution: str  # as written in the config, e.g. "scan/4" or "5x"
+    regime: str = LABELED  # distill: "labeled" or "labeled+unlabeled"
+    pixel: str = "both"
+    attention_weight: float = 0.0
+
+    @property
+    def name(self) -> str:
+        res = self.resolution.replace("/", "_")
+        if self.phase in ("teacher", "baseline"):
+            return f"{self.phase}-{res}"
+        regime = "labeled" if self.regime == LABELED else "aux"
+        extra = f"-att{self.attention_weight:g}" if self.attention_weight else ""
+        return f"{self.phase}-{regime}-{self.pixel}{extra}-{res}"
+
+    @property
+    def method(self) -> str:
+        if self.phase == "teacher":
+            return "Teacher"
+        if self.phase == "baseline":
+            return "Baseline (from scratch)"
+        data = "labeled" if self.regime == LABELED else "labeled + unlabeled"
+        pixel = {"both": "", "maxpool": ", max-pool only", "bicubic": ", bicubic only", "none": ", no pixel loss"}[self.pixel]
+        attention = ", + attention" if self.attention_weight else ""
+        prefix = "Distillation + FC fine-tune" if self.phase == "finetune" else "Distillation"
+        return f"{prefix} ({data}{pixel}{attention})"
+
+    @property
+    def seed_offset(self) -> int:
+        return zlib.crc32(self.name.encode()) % 100_000
+
+
+def plan_steps(config: ExperimentConfig) -> list[Step]:
+    """Every step of a full experiment, in the order they depend on each other."""
+    d = config.distill
+    steps = [Step("teacher", config.teacher_resolution)]
+    steps += [Step("baseline", r) for r in config.student_resolutions]
+    for regime in d.regimes:
+        for r in config.student_resolutions:
+            steps.append(Step("distill", r, regime, d.pixel, d.attention_weight))
+            if config.finetune.enabled:
+                steps.append(Step("finetune", r, regime, d.pixel, d.attention_weight))
+    for mode in d.ablation:
+        for r in d.ablation_resolutions or config.student_resolutions:
+            step = Step("distill", r, d.ablation_regime, mode, d.attention_weight)
+            if step not in steps:
+                steps.append(step)
+    return steps
+
+
+class Experiment:
+    """Data and folders of one run; every phase asks it for datasets and writes into it."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: str | Path, runtime: Runtime) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.runtime = runtime
+        self.cache_dir = config.path(config.data.cache_dir) if config.data.cache_dir else self.run_dir / "cache"
+        self._caches: dict[tuple[str, float], PixelCache] = {}
+        if runtime.is_main:
+            self._record_config()
+        runtime.barrier()
+
+    # -- config and folders -------------------------------------------------------------
+    def _record_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "config.json"
+        current = _comparable(self.config.to_dict())
+        if path.is_file():
+            previous = _comparable(json.loads(path.read_text(encoding="utf-8")))
+            if previous != current:
+                changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+                raise LowmagError(
+                    f"{self.run_dir}: this run folder was made with a different config "
+                    f"(changed: {', '.join(changed)}); use a new --out folder to start over, "
+                    "or restore the original config to resume"
+                )
+        atomic_write_text(path, json.dumps(self.config.to_dict(), indent=2, default=str))
+
+    def step_dir(self, step: Step) -> Path:
+        return self.run_dir / "steps" / step.name
+
+    # -- data -----------------------------------------------------------------------------
+    @cached_property
+    def _dataset(self) -> tuple[tuple[str, ...], dict[str, list[Item]]]:
+        cfg, data = self.config, self.config.data
+        if data.images:
+            classes, items = scan_image_folder(
+                cfg.path(data.images),
+                scan_mpp=data.scan_mpp,
+                metadata=data.metadata or None,
+                group_by=data.group_by,
+                crop_px=data.crop_px or None,
+            )
+            splits = split_by_group(items, data.split, cfg.seed)
+        else:
+            classes, splits = scan_slide_list(cfg.path(data.slides), assume_mpp=data.scan_mpp or None)
+        if "train" not in splits:
+            raise LowmagError("the data has no 'train' split; name one split 'train'")
+        train = splits.pop("train")
+        if data.labeled_fraction < 1:
+            parts = split_by_group(train, {LABELED: data.labeled_fraction, UNLABELED: 1 - data.labeled_fraction}, cfg.seed + 1)
+        else:
+            parts = {LABELED: train, UNLABELED: []}
+        splits[LABELED] = parts[LABELED]
+        splits[UNLABELED] = list(parts[UNLABELED]) + list(splits.pop(UNLABELED, []))
+        for folder in data.unlabeled:
+            _, extra = scan_image_folder(cfg.path(folder), scan_mpp=data.scan_mpp, crop_px=data.crop_px or None)
+            splits[UNLABELED] += [Item(i.path, None, i.group, i.region, i.scan_mpp) for i in extra]
+        # Labels of the auxiliary part are never used: drop them so no code path can.
+        splits[UNLABELED] = [Item(i.path, None, i.group, i.region, i.scan_mpp) for i in splits[UNLABELED]]
+        if self.runtime.is_main:
+            summary = {name: describe(items, classes) for name, items in splits.items()}
+            listing = {name: [i.key() for i in items] for name, items in splits.items()}
+            atomic_write_text(self.run_dir / "splits.json", json.dumps({"summary": summary, "items": listing}, indent=1))
+            log.info("splits: %s", {k: v["items"] for k, v in summary.items()})
+        return tuple(classes), splits
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self._dataset[0]
+
+    def items(self, split: str) -> list[Item]:
+        splits = self._dataset[1]
+        if split not in splits:
+            raise LowmagError(f"no split named {split!r}; the data has {', '.join(splits)}")
+        return splits[split]
+
+    def items_or_empty(self, split: str) -> list[Item]:
+        return self._dataset[1].get(split, [])
+
+    def mpp(self, resolution: str) -> float:
+        scan = self.config.data.scan_mpp or None
+        return Resolution.parse(resolution).to_mpp(scan)
+
+    def cache(self, split: str, resolution: str) -> PixelCache:
+        """Pixels of a split at a resolution, built once (by rank 0 under torchrun)."""
+        mpp = self.mpp(resolution)
+        key = (split, mpp)
+        if key not in self._caches:
+            items = self.items(split)
+            if self.runtime.is_main:
+                self._caches[key] = _build_with_progress(items, mpp, self.cache_dir, f"reading {split} at {mpp:g} µm/px")
+            self.runtime.barrier()
+            if not self.runtime.is_main:
+                self._caches[key] = build_cache(items, mpp, self.cache_dir)
+        return self._caches[key]
+
+    @cached_property
+    def normalization(self) -> Normalization:
+        """Per-channel mean/std of the labeled training images at the teacher's resolution."""
+        mean, std = channel_stats(self.cache(LABELED, self.config.teacher_resolution))
+        return Normalization(mean=mean, std=std)
+
+    def spec(self, step: Step, extra: dict | None = None) -> ModelSpec:
+        mpp = self.mpp(step.resolution)
+        return ModelSpec(
+            classes=self.classes,
+            target_mpp=mpp,
+            magnification=format_magnification(mpp),
+            normalization=self.normalization,
+            architecture=self.config.architecture,
+            provenance=new_provenance(
+                config={"experiment": self.config.to_dict(), "step": step.name, **(extra or {})},
+                data={name: describe(self.items(name), self.classes) for name in self._dataset[1]},
+                seed=self.config.seed + step.seed_offset,
+            ),
+        )
+
+
+def _build_with_progress(items: Sequence[Item], mpp: float, cache_dir: Path, description: str) -> PixelCache:
+    from tqdm import tqdm
+
+    with tqdm(total=len(items), desc=description, unit="image", leave=False) as bar:
+        return build_cache(items, mpp, cache_dir, progress=bar.update)
+
+
+def _comparable(config: dict) -> dict:
+    """The parts of a config that decide results (runtime knobs may change on resume)."""
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in config.items() if k not in ("runtime", "base_dir")}
