@@ -351,7 +351,7 @@ def _open_plain_image(path: Path, target: Path, assume_mpp: float | None) -> Sli
     import pyvips
 
     try:
-        image = pyvips.Image.new_from_file(str(target), access="random")
+        image = pyvips.Image.new_from_file(str(target), access="random", revalidate=True)
     except Exception as exc:  # pyvips.Error
         raise UnsupportedSlideError(
             path,

@@ -123,7 +123,7 @@ def _read_groups(root: Path, metadata: str | Path, group_by: Sequence[str]) -> d
 def _centre_crop(path: Path, crop_px: int) -> Region:
     import pyvips
 
-    header = pyvips.Image.new_from_file(str(path))
+    header = pyvips.Image.new_from_file(str(path), revalidate=True)
     if header.width < crop_px or header.height < crop_px:
         raise LowmagError(
             f"{path}: {header.width}x{header.height} px is smaller than the {crop_px} px crop; "
