@@ -135,6 +135,7 @@ def _train_and_evaluate(exp, step, quiet: bool = False) -> None:
     from lowmag.train.phases import evaluate_step, run_step
 
     folder = run_step(exp, step)
+    exp.cache(exp.config.evaluation.split, step.resolution)  # collective: every rank joins the build
     if exp.runtime.is_main:
         row = evaluate_step(exp, step)
         if not quiet:
@@ -146,6 +147,7 @@ def _train_and_evaluate(exp, step, quiet: bool = False) -> None:
             f"checkpoint {folder}",
             err=True,
         )
+    exp.runtime.barrier()
 
 
 def _write_report(exp, steps, started: float) -> None:

@@ -133,6 +133,9 @@ class Experiment:
         if "train" not in splits:
             raise LowmagError("the data has no 'train' split; name one split 'train'")
         train = splits.pop("train")
+        # Training slides listed without a label are auxiliary data, whatever the split says.
+        splits[UNLABELED] = list(splits.get(UNLABELED, [])) + [i for i in train if i.label is None]
+        train = [i for i in train if i.label is not None]
         if data.labeled_fraction < 1:
             parts = split_by_group(train, {LABELED: data.labeled_fraction, UNLABELED: 1 - data.labeled_fraction}, cfg.seed + 1)
         else:
