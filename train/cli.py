@@ -166,7 +166,7 @@ def _write_report(exp, steps, started: float) -> None:
     meta = {
         "title": f"{exp.config.name}: resolution-based distillation",
         "command": " ".join(["distill-train", *sys.argv[1:]]),
-        "machine": f"{platform.node()} ({platform.machine()}, {exp.runtime.describe()})",
+        "machine": ", ".join(f"{k}: {v}" for k, v in exp.runtime.describe().items()) + f" ({platform.system()})",
         "wall_time_s": round(total, 1),
         "git_sha": git_sha(),
         "config": exp.config.to_dict(),

@@ -76,8 +76,21 @@ class Runtime:
         if self.device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(self.device)
         else:
+            info["cpu"] = _cpu_model()
             info["cpu_threads"] = torch.get_num_threads()
         return info
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def make_runtime(config: RuntimeConfig) -> Runtime:
@@ -160,6 +173,9 @@ def fit(
     )
     for epoch in range(start, phase.epochs):
         dataset.set_epoch(epoch)
+        # The shuffle order depends on (seed, epoch) only, so a resumed step draws the same
+        # order as an uninterrupted one.
+        loader.generator.manual_seed(seed * 100_003 + epoch)
         if runtime.distributed:
             loader.sampler.set_epoch(epoch)
         trained.train()

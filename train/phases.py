@@ -22,7 +22,7 @@ from lowmag.io import atomic_write_text
 from lowmag.train.cache import ConcatCache
 from lowmag.train.checkpoint import is_complete, load_checkpoint, save_checkpoint
 from lowmag.train.datasets import MultiResolutionDataset
-from lowmag.train.engine import fit, predict
+from lowmag.train.engine import Runtime, fit, predict
 from lowmag.train.experiment import LABELED, UNLABELED, Experiment, Step
 from lowmag.train.flops import forward_gflops
 from lowmag.train.losses import DistillationLoss
@@ -192,7 +192,7 @@ def evaluate_step(exp: Experiment, step: Step) -> dict[str, Any]:
     model, spec = load_checkpoint(out)
     split = exp.config.evaluation.split
     cache = exp.cache(split, step.resolution)
-    metrics = evaluate_model(model, cache, [i.label for i in exp.items(split)], spec, exp, exp.config.evaluation.bootstrap)
+    metrics = evaluate_model(model, cache, [i.label for i in exp.items(split)], spec, exp.runtime, exp.config.evaluation.bootstrap)
     row = {
         "name": step.name, "phase": step.phase, "method": step.method,
         "magnification": spec.magnification, "mpp": spec.target_mpp,
@@ -202,11 +202,10 @@ def evaluate_step(exp: Experiment, step: Step) -> dict[str, Any]:
     return row
 
 
-def evaluate_model(model: ResNet, cache, labels, spec, exp_or_runtime, bootstrap: int, seed: int = 0) -> dict[str, Any]:
+def evaluate_model(model: ResNet, cache, labels, spec, runtime: Runtime, bootstrap: int, seed: int = 0) -> dict[str, Any]:
     """Metrics with bootstrap CIs, plus the input size and GFLOPs of one forward pass."""
     from lowmag.train.metrics import classification_metrics
 
-    runtime = getattr(exp_or_runtime, "runtime", exp_or_runtime)
     dataset = MultiResolutionDataset([cache], labels, spec.normalization)
     logits, y = predict(model, dataset, runtime, 64, "evaluating")
     metrics = classification_metrics(y, logits.argmax(1), list(spec.classes), n_bootstrap=bootstrap, seed=seed)
