@@ -16,7 +16,7 @@ main = stage_group(
     "Teacher-to-student resolution distillation (DiPalma et al.) on a GPU server or CPU.\n\n"
     "Every phase reads the same experiment CONFIG.toml and writes into one run folder "
     "(--out); `run` does all phases in order and resumes where an interrupted run stopped. "
-    "Launch any command with `torchrun --nproc_per_node=N distill-train ...` for data "
+    "Launch any command with `torchrun --nproc_per_node=N -m lowmag.train.cli ...` for data "
     "parallelism over N GPUs.",
 )
 
