@@ -239,7 +239,10 @@ def report(run_dir: Path) -> None:
     if not rows:
         raise click.ClickException(f"{run_dir}: no evaluated steps (steps/*/metrics.json); run `distill-train run` first")
     timing = run_dir / "wall_time.json"
+    previous = run_dir / "report" / "results.json"
     meta = {"title": f"{run_dir.name}: resolution-based distillation"}
+    if previous.is_file():  # keep the command, machine and git SHA of the run that made it
+        meta.update(json.loads(previous.read_text()).get("meta", {}))
     if timing.is_file():
         meta["wall_time_s"] = json.loads(timing.read_text())["seconds"]
     paths = write_report(rows, run_dir / "report", meta)

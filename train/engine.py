@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -179,8 +180,9 @@ def fit(
         if runtime.distributed:
             loader.sampler.set_epoch(epoch)
         trained.train()
+        began = time.perf_counter()
         mean_loss = _run_epoch(trained, step, loader, accumulate, optimiser, runtime, f"{description} {epoch + 1}/{phase.epochs}")
-        record = {"epoch": epoch + 1, "loss": mean_loss}
+        record = {"epoch": epoch + 1, "loss": mean_loss, "train_seconds": round(time.perf_counter() - began, 1)}
         if runtime.is_main:
             model.eval()
             if score is not None:

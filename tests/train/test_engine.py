@@ -44,6 +44,7 @@ def test_a_step_stopped_after_epoch_one_continues_as_if_never_stopped(tiny_image
 
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     assert resumed.history[0] == first.history[0]
+    assert all(h["train_seconds"] > 0 for h in resumed.history)
     assert abs(resumed.history[1]["loss"] - straight.history[1]["loss"]) < 1e-4
     for key, value in straight.best_state.items():
         assert torch.allclose(value, resumed.best_state[key], atol=1e-5), key
