@@ -212,6 +212,13 @@ def plot_accuracy_vs_gflops(rows: Sequence[dict[str, Any]], path: str | Path) ->
         ax.annotate(magnification, (x_i, y_i), xytext=(5, 5),
                     textcoords="offset points", fontsize=8)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+
+    # Plain decimals on the major ticks; minor-tick labels crowd each other on short ranges.
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("GFLOPs per tile (log scale)")
     ax.set_ylabel("Accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
