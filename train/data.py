@@ -168,8 +168,7 @@ def scan_slide_list(
         if not boxes:
             log.warning("%s: no tissue found; the slide is skipped", slide_path)
         for box in boxes:
-            region = Region(box.x, box.y, box.width, box.height)
-            splits[row["split"]].append(Item(slide_path, label, str(slide_path), region, assume_mpp))
+            splits[row["split"]].append(Item(slide_path, label, str(slide_path), box.region, assume_mpp))
     return tuple(names), dict(splits)
 
 
