@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -45,7 +46,7 @@ class PixelCache:
         offset, height, width = (int(v) for v in self.index[i])
         return np.asarray(self.pixels[offset : offset + height * width * 3]).reshape(height, width, 3)
 
-    @property
+    @cached_property
     def uniform_shape(self) -> tuple[int, int] | None:
         """(H, W) when every item has the same size (so they can be batched), else None."""
         shapes = {(int(h), int(w)) for _, h, w in self.index}
@@ -133,6 +134,14 @@ def build_cache(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return PixelCache(folder)
+
+
+def build_cache_with_progress(items: Sequence[Item], mpp: float, cache_dir: str | Path, description: str) -> PixelCache:
+    """``build_cache`` with a progress bar (instant when the cache already exists)."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(items), desc=description, unit="image", leave=False) as bar:
+        return build_cache(items, mpp, cache_dir, progress=bar.update)
 
 
 def channel_stats(cache: PixelCache, limit: int = 2000) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -154,6 +154,7 @@ def _write_report(exp, steps, started: float) -> None:
     import platform
     import sys
 
+    from lowmag.io import atomic_write_text
     from lowmag.provenance import git_sha
     from lowmag.train.phases import evaluate_step
     from lowmag.train.report import write_report
@@ -162,7 +163,7 @@ def _write_report(exp, steps, started: float) -> None:
     timing_path = exp.run_dir / "wall_time.json"
     previous = json.loads(timing_path.read_text()) if timing_path.is_file() else {"seconds": 0.0}
     total = previous["seconds"] + (time.time() - started)
-    timing_path.write_text(json.dumps({"seconds": total}))
+    atomic_write_text(timing_path, json.dumps({"seconds": total}))
     meta = {
         "title": f"{exp.config.name}: resolution-based distillation",
         "command": " ".join(["distill-train", *sys.argv[1:]]),
@@ -201,11 +202,11 @@ def evaluate(checkpoint: Path, images: Path, mpp: float, out: Path | None, cente
     import tempfile
 
     from lowmag.io import atomic_write_text
+    from lowmag.train.cache import build_cache_with_progress
     from lowmag.train.checkpoint import load_checkpoint
     from lowmag.train.config import RuntimeConfig
     from lowmag.train.data import scan_image_folder
     from lowmag.train.engine import make_runtime
-    from lowmag.train.experiment import _build_with_progress
     from lowmag.train.metrics import format_metrics_table
     from lowmag.train.phases import evaluate_model
 
@@ -214,7 +215,7 @@ def evaluate(checkpoint: Path, images: Path, mpp: float, out: Path | None, cente
     _, items = scan_image_folder(images, scan_mpp=mpp, classes=spec.classes, crop_px=center_crop)
     runtime = make_runtime(RuntimeConfig(device=device))
     with tempfile.TemporaryDirectory(prefix="lowmag-eval-") as tmp:
-        cache = _build_with_progress(items, spec.target_mpp, Path(tmp), f"reading at {spec.target_mpp:g} µm/px")
+        cache = build_cache_with_progress(items, spec.target_mpp, Path(tmp), f"reading at {spec.target_mpp:g} µm/px")
         metrics = evaluate_model(model, cache, [i.label for i in items], spec, runtime, bootstrap)
         del cache
     click.echo(f"{checkpoint}: {len(items)} images from {images} read at {spec.target_mpp:g} µm/px "

@@ -13,13 +13,12 @@ import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
 
 from lowmag.errors import LowmagError
 from lowmag.io import atomic_write_text
-from lowmag.resolution import Resolution, format_magnification
+from lowmag.resolution import Resolution
 from lowmag.spec import ModelSpec, Normalization, new_provenance
-from lowmag.train.cache import PixelCache, build_cache, channel_stats
+from lowmag.train.cache import PixelCache, build_cache, build_cache_with_progress, channel_stats
 from lowmag.train.config import ExperimentConfig
 from lowmag.train.data import Item, describe, scan_image_folder, scan_slide_list, split_by_group
 from lowmag.train.engine import Runtime
@@ -134,19 +133,18 @@ class Experiment:
             raise LowmagError("the data has no 'train' split; name one split 'train'")
         train = splits.pop("train")
         # Training slides listed without a label are auxiliary data, whatever the split says.
-        splits[UNLABELED] = list(splits.get(UNLABELED, [])) + [i for i in train if i.label is None]
+        auxiliary = list(splits.pop(UNLABELED, [])) + [i for i in train if i.label is None]
         train = [i for i in train if i.label is not None]
         if data.labeled_fraction < 1:
             parts = split_by_group(train, {LABELED: data.labeled_fraction, UNLABELED: 1 - data.labeled_fraction}, cfg.seed + 1)
         else:
             parts = {LABELED: train, UNLABELED: []}
-        splits[LABELED] = parts[LABELED]
-        splits[UNLABELED] = list(parts[UNLABELED]) + list(splits.pop(UNLABELED, []))
+        auxiliary = list(parts[UNLABELED]) + auxiliary
         for folder in data.unlabeled:
-            _, extra = scan_image_folder(cfg.path(folder), scan_mpp=data.scan_mpp, crop_px=data.crop_px or None)
-            splits[UNLABELED] += [Item(i.path, None, i.group, i.region, i.scan_mpp) for i in extra]
+            auxiliary += scan_image_folder(cfg.path(folder), scan_mpp=data.scan_mpp, crop_px=data.crop_px or None)[1]
+        splits[LABELED] = parts[LABELED]
         # Labels of the auxiliary part are never used: drop them so no code path can.
-        splits[UNLABELED] = [Item(i.path, None, i.group, i.region, i.scan_mpp) for i in splits[UNLABELED]]
+        splits[UNLABELED] = [Item(i.path, None, i.group, i.region, i.scan_mpp) for i in auxiliary]
         if self.runtime.is_main:
             summary = {name: describe(items, classes) for name, items in splits.items()}
             listing = {name: [i.key() for i in items] for name, items in splits.items()}
@@ -178,7 +176,7 @@ class Experiment:
         if key not in self._caches:
             items = self.items(split)
             if self.runtime.is_main:
-                self._caches[key] = _build_with_progress(items, mpp, self.cache_dir, f"reading {split} at {mpp:g} µm/px")
+                self._caches[key] = build_cache_with_progress(items, mpp, self.cache_dir, f"reading {split} at {mpp:g} µm/px")
             self.runtime.barrier()
             if not self.runtime.is_main:
                 self._caches[key] = build_cache(items, mpp, self.cache_dir)
@@ -190,27 +188,21 @@ class Experiment:
         mean, std = channel_stats(self.cache(LABELED, self.config.teacher_resolution))
         return Normalization(mean=mean, std=std)
 
+    def step_seed(self, step: Step) -> int:
+        return self.config.seed + step.seed_offset
+
     def spec(self, step: Step, extra: dict | None = None) -> ModelSpec:
-        mpp = self.mpp(step.resolution)
         return ModelSpec(
             classes=self.classes,
-            target_mpp=mpp,
-            magnification=format_magnification(mpp),
+            target_mpp=self.mpp(step.resolution),  # the spec derives the magnification
             normalization=self.normalization,
             architecture=self.config.architecture,
             provenance=new_provenance(
                 config={"experiment": self.config.to_dict(), "step": step.name, **(extra or {})},
                 data={name: describe(self.items(name), self.classes) for name in self._dataset[1]},
-                seed=self.config.seed + step.seed_offset,
+                seed=self.step_seed(step),
             ),
         )
-
-
-def _build_with_progress(items: Sequence[Item], mpp: float, cache_dir: Path, description: str) -> PixelCache:
-    from tqdm import tqdm
-
-    with tqdm(total=len(items), desc=description, unit="image", leave=False) as bar:
-        return build_cache(items, mpp, cache_dir, progress=bar.update)
 
 
 def _comparable(config: dict) -> dict:
