@@ -20,6 +20,7 @@ from torch import nn
 from lowmag.errors import LowmagError
 from lowmag.io import atomic_write_text
 from lowmag.train.cache import ConcatCache
+from lowmag.train.config import PhaseConfig
 from lowmag.train.checkpoint import is_complete, load_checkpoint, save_checkpoint
 from lowmag.train.datasets import MultiResolutionDataset
 from lowmag.train.engine import Runtime, fit, predict
@@ -56,7 +57,7 @@ def run_step(exp: Experiment, step: Step) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     trainer = {"teacher": _teacher, "baseline": _baseline, "distill": _distill, "finetune": _finetune}[step.phase]
-    model, result, extra = trainer(exp, step, out)
+    result, extra = trainer(exp, step, out)
     if exp.runtime.is_main:
         history = {"best_epoch": result.best_epoch, "best_val_macro_f1": result.best_score, "epochs": result.history}
         atomic_write_text(out / "history.json", json.dumps(history, indent=1))
@@ -98,27 +99,26 @@ def _cross_entropy(model: nn.Module, images: list[torch.Tensor], labels: torch.T
 
 
 def _teacher(exp: Experiment, step: Step, out: Path):
-    seed = exp.config.seed + step.seed_offset
-    torch.manual_seed(seed)
-    model = build_model(exp.config.architecture, len(exp.classes))
-    extra: dict[str, Any] = {}
-    if exp.config.pretrained:
-        load_pretrained(model, exp.config.path(exp.config.pretrained))
-        extra["pretrained"] = exp.config.pretrained
-    dataset = _labeled(exp, [step.resolution], seed)
-    result = fit(model, _cross_entropy, dataset, exp.config.teacher, exp.runtime, out,
-                 seed=seed, score=_validation_score(exp, step.resolution), description=step.name)
-    return model, result, extra
+    return _from_labels(exp, step, out, exp.config.teacher, exp.config.pretrained)
 
 
 def _baseline(exp: Experiment, step: Step, out: Path):
-    seed = exp.config.seed + step.seed_offset
+    return _from_labels(exp, step, out, exp.config.student, "")
+
+
+def _from_labels(exp: Experiment, step: Step, out: Path, phase: PhaseConfig, pretrained: str):
+    """Cross-entropy on the labeled split at the step's resolution (teacher and baselines)."""
+    seed = exp.step_seed(step)
     torch.manual_seed(seed)
     model = build_model(exp.config.architecture, len(exp.classes))
+    extra: dict[str, Any] = {}
+    if pretrained:
+        load_pretrained(model, exp.config.path(pretrained))
+        extra["pretrained"] = pretrained
     dataset = _labeled(exp, [step.resolution], seed)
-    result = fit(model, _cross_entropy, dataset, exp.config.student, exp.runtime, out,
+    result = fit(model, _cross_entropy, dataset, phase, exp.runtime, out,
                  seed=seed, score=_validation_score(exp, step.resolution), description=step.name)
-    return model, result, {}
+    return result, extra
 
 
 def _load_teacher(exp: Experiment) -> ResNet:
@@ -135,7 +135,7 @@ def _load_teacher(exp: Experiment) -> ResNet:
 
 def _distill(exp: Experiment, step: Step, out: Path):
     cfg = exp.config
-    seed = cfg.seed + step.seed_offset
+    seed = exp.step_seed(step)
     torch.manual_seed(seed)
     teacher = _load_teacher(exp)
     student = build_model(cfg.architecture, len(exp.classes))
@@ -163,12 +163,12 @@ def _distill(exp: Experiment, step: Step, out: Path):
     result.best_state = {k.removeprefix("model."): v for k, v in result.best_state.items()}
     extra = {"temperature": cfg.distill.temperature, "pixel": step.pixel, "pixel_weight": cfg.distill.pixel_weight,
              "attention_weight": step.attention_weight, "regime": step.regime}
-    return student, result, extra
+    return result, extra
 
 
 def _finetune(exp: Experiment, step: Step, out: Path):
     cfg = exp.config
-    seed = cfg.seed + step.seed_offset
+    seed = exp.step_seed(step)
     source = exp.step_dir(Step("distill", step.resolution, step.regime, step.pixel, step.attention_weight))
     if not is_complete(source):
         raise LowmagError(f"{source}: no finished distilled student to fine-tune; run `distill` first")
@@ -176,11 +176,11 @@ def _finetune(exp: Experiment, step: Step, out: Path):
     for name, p in student.named_parameters():
         p.requires_grad_(name.startswith("fc."))
     dataset = _labeled(exp, [step.resolution], seed)
-    phase = type(cfg.student)(epochs=cfg.finetune.epochs, batch_size=cfg.student.batch_size, lr=cfg.finetune.lr)
+    phase = PhaseConfig(epochs=cfg.finetune.epochs, batch_size=cfg.student.batch_size, lr=cfg.finetune.lr)
     result = fit(student, _cross_entropy, dataset, phase, exp.runtime, out, seed=seed,
                  score=_validation_score(exp, step.resolution), parameters=list(student.fc.parameters()),
                  description=step.name)
-    return student, result, {"finetuned_from": step.name.replace("finetune", "distill", 1)}
+    return result, {"finetuned_from": step.name.replace("finetune", "distill", 1)}
 
 
 def evaluate_step(exp: Experiment, step: Step) -> dict[str, Any]:
@@ -192,7 +192,9 @@ def evaluate_step(exp: Experiment, step: Step) -> dict[str, Any]:
     model, spec = load_checkpoint(out)
     split = exp.config.evaluation.split
     cache = exp.cache(split, step.resolution)
-    metrics = evaluate_model(model, cache, [i.label for i in exp.items(split)], spec, exp.runtime, exp.config.evaluation.bootstrap)
+    evaluation = exp.config.evaluation
+    labels = [i.label for i in exp.items(split)]
+    metrics = evaluate_model(model, cache, labels, spec, exp.runtime, evaluation.bootstrap, batch_size=evaluation.batch_size)
     row = {
         "name": step.name, "phase": step.phase, "method": step.method,
         "magnification": spec.magnification, "mpp": spec.target_mpp,
@@ -202,12 +204,14 @@ def evaluate_step(exp: Experiment, step: Step) -> dict[str, Any]:
     return row
 
 
-def evaluate_model(model: ResNet, cache, labels, spec, runtime: Runtime, bootstrap: int, seed: int = 0) -> dict[str, Any]:
+def evaluate_model(
+    model: ResNet, cache, labels, spec, runtime: Runtime, bootstrap: int, seed: int = 0, batch_size: int = 64
+) -> dict[str, Any]:
     """Metrics with bootstrap CIs, plus the input size and GFLOPs of one forward pass."""
     from lowmag.train.metrics import classification_metrics
 
     dataset = MultiResolutionDataset([cache], labels, spec.normalization)
-    logits, y = predict(model, dataset, runtime, 64, "evaluating")
+    logits, y = predict(model, dataset, runtime, batch_size, "evaluating")
     metrics = classification_metrics(y, logits.argmax(1), list(spec.classes), n_bootstrap=bootstrap, seed=seed)
     shapes = np.array([(int(h), int(w)) for _, h, w in cache.index])
     height, width = (int(v) for v in np.median(shapes, axis=0))
