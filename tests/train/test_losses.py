@@ -19,6 +19,8 @@ from lowmag.train.losses import (
 STUDENT = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 TEACHER = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.5]]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _softmax(row):
     e = [math.exp(v) for v in row]
@@ -35,13 +37,6 @@ def _kl_by_hand(teacher, student, t):
     return total / len(teacher)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tensors here are tiny: a second thread only adds contention on a 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- soft targets -----------------------------------------------------------------------

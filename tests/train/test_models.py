@@ -14,6 +14,8 @@ from lowmag.train.models import build_model, load_pretrained
 TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032}
 DEPTHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def torchvision_layout(architecture, num_classes, batchnorm_buffers=False):
     """{name: shape} of torchvision's ResNet state dict, written out from the paper's tables.
@@ -117,13 +119,6 @@ def _resnet18_macs(h, w, num_classes):
     return total + 512 * num_classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tensors here are tiny: a second thread only adds contention on a 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
