@@ -47,6 +47,13 @@ if "$BIN/lowmag" info "$OUT/no-pixel-size.tif"; then
 fi
 "$BIN/lowmag" info "$OUT/no-pixel-size.tif" --assume-mpp 0.5
 
+step "Teacher and students with distill-train, on tiles of this slide (tissue vs background)"
+rm -rf "$OUT/tiles" "$OUT/run"
+"$BIN/python" demo/make_tiles.py "$SLIDE" "$OUT/tiles"
+sed "s#../.demo/tiles#$(cd "$OUT" && pwd)/tiles#" demo/tiny-experiment.toml > "$OUT/experiment.toml"
+"$BIN/distill-train" run "$OUT/experiment.toml" --out "$OUT/run" 2>&1 | grep -E "steps:|macro F1|report:"
+sed -n '/^| Magnification/,/^$/p' "$OUT/run/report/results.md"
+
 step "Done"
-echo "Outputs in $OUT/: slide-<mag>.png, tissue-boxes.png, tissue.json"
-echo "Training, export and the slide watcher arrive with distill-train, export-student and edge-classify."
+echo "Outputs in $OUT/: slide-<mag>.png, tissue-boxes.png, tissue.json, run/ (checkpoints and report/)"
+echo "Export and the slide watcher arrive with export-student and edge-classify."
