@@ -68,10 +68,28 @@ class ResolutionType(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
-def stage_group(summary: str, pending: str | None = None) -> click.Group:
+class DefaultCommandGroup(click.Group):
+    """A group whose ``default`` subcommand runs when the first argument names no command.
+
+    ``export-student CHECKPOINT --target onnx`` then means ``export-student export CHECKPOINT ...``
+    while ``export-student bench ...`` still reaches its own subcommand.
+    """
+
+    def __init__(self, *args: Any, default: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.default = default
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if self.default and args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+def stage_group(summary: str, pending: str | None = None, default: str | None = None) -> click.Group:
     """The top-level click group of a stage command, with --version and -v.
 
-    ``pending`` says which issue brings the subcommands, while there are none yet.
+    ``pending`` says which issue brings the subcommands, while there are none yet;
+    ``default`` names the subcommand that runs when no subcommand is named.
     """
     doc = summary
     if pending:
@@ -80,7 +98,8 @@ def stage_group(summary: str, pending: str | None = None) -> click.Group:
             "shows how slides are opened, read at a magnification and searched for tissue."
         )
 
-    @click.group(help=doc, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.group(help=doc, cls=DefaultCommandGroup, default=default,
+                 context_settings={"help_option_names": ["-h", "--help"]})
     @version_option()
     @verbose_option
     def group(verbose: int) -> None:

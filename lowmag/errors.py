@@ -46,6 +46,10 @@ class SlideTooLargeError(SlideError):
     """Reading the requested region would exceed a configured pixel budget."""
 
 
+class CalibrationError(LowmagError):
+    """No usable calibration set: missing sources, plain images without µm/px, no tissue."""
+
+
 class ResolutionError(LowmagError, ValueError):
     """A magnification or µm/px string that cannot be understood."""
 
@@ -68,3 +72,32 @@ class SpecError(LowmagError):
 
 class ArtifactHashError(SpecError):
     """A file in a bundle or checkpoint does not match the sha256 its spec records."""
+
+
+class TensorRTUnavailableError(LowmagError):
+    """The ``tensorrt`` package is not importable here (it only installs on NVIDIA GPU hosts)."""
+
+    def __init__(self, detail: str | None = None) -> None:
+        message = (
+            "TensorRT is not installed here. Its wheels come from NVIDIA's package index and "
+            "need an NVIDIA GPU host: pip install 'lowmag[tensorrt]' --extra-index-url "
+            "https://pypi.nvidia.com"
+        )
+        if detail:
+            message += f" ({detail})"
+        super().__init__(message)
+
+
+class EngineMismatchError(LowmagError):
+    """A bundle's TensorRT engine was built for another TensorRT version or GPU."""
+
+    def __init__(self, engine: str | Path, differences: list[str]) -> None:
+        self.engine = Path(engine)
+        self.differences = list(differences)
+        listed = "\n".join(f"  - {d}" for d in self.differences)
+        super().__init__(
+            f"{self.engine}: this TensorRT engine cannot run on this machine:\n{listed}\n"
+            "Fix: pass --rebuild-engine (prepare_engine(..., rebuild=True)) to build an engine for "
+            "this machine from the bundle's ONNX into the local engine cache, or re-export the "
+            "bundle with --target tensorrt on this GPU."
+        )

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than a moment)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
 #: mkstemp creates files readable by their owner only; final files get the usual mode.
-_FILE_MODE = 0o666 & ~_current_umask()
+_FILE_MODE = 0o666 & ~current_umask()
 
 
 @contextmanager

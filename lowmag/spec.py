@@ -62,6 +62,9 @@ class ModelSpec:
     temperature: float = 1.0
     preprocessing_version: str = PREPROCESSING_VERSION
     artifacts: Mapping[str, str] = field(default_factory=dict)
+    #: Written by export-student only: target, files, source checkpoint, tool versions,
+    #: runtime settings, calibration and the parity/accuracy gate results (plain JSON).
+    export: Mapping[str, Any] = field(default_factory=dict)
     spec_version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -82,6 +85,9 @@ class ModelSpec:
         data["artifacts"] = dict(sorted(self.artifacts.items()))
         data["provenance"]["config"] = dict(self.provenance.config)
         data["provenance"]["data"] = dict(self.provenance.data)
+        data["export"] = json.loads(json.dumps(self.export))
+        if not data["export"]:
+            del data["export"]  # checkpoints carry no export section
         return data
 
     def to_json(self) -> str:
@@ -129,6 +135,8 @@ class ModelSpec:
                 temperature=data.get("temperature", 1.0),
                 preprocessing_version=data.get("preprocessing_version", PREPROCESSING_VERSION),
                 artifacts=dict(data.get("artifacts", {})),
+                export=dict(data.get("export", {})) if isinstance(data.get("export", {}), Mapping)
+                else data["export"],
                 spec_version=version,
             )
         except SpecError as error:
@@ -287,6 +295,8 @@ def _validate(spec: ModelSpec) -> list[str]:
                 problems.append(f"artifact name {name!r} must be a relative path inside the bundle")
             if not (isinstance(digest, str) and _SHA256.match(digest)):
                 problems.append(f"artifact {name!r} needs a 64-character lowercase sha256, got {digest!r}")
+    if not isinstance(spec.export, Mapping):
+        problems.append("export must be an object (written by export-student)")
     prov = spec.provenance
     if not isinstance(prov, Provenance):
         problems.append("provenance must be an object")
