@@ -1,0 +1,104 @@
+"""INT8 post-training quantization of an exported student, calibrated on real tissue.
+
+Two recipes, both fed by a ``CalibrationSet`` (uint8 images at the model's µm/px):
+
+- ``quantize_onnx_qdq``: ONNX Runtime static quantization in QDQ format. Only Conv, Gemm
+  and MatMul are quantized (the other ops stay float; quantizing more costs accuracy and
+  buys nothing on these runtimes). Activations and weights are int8 and *symmetric*
+  (zero point 0), weights per output channel: the one Q/DQ form that ONNX Runtime,
+  OpenVINO and TensorRT's explicit quantization all consume.
+- ``quantize_openvino_nncf``: NNCF post-training quantization of an OpenVINO IR.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from lowmag.bundle import INPUT_NAME
+
+logger = logging.getLogger(__name__)
+
+#: ORT calibration methods offered on the command line.
+ORT_METHODS = ("minmax", "entropy", "percentile")
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of images (batch 1)."""
+
+    def __init__(self, images: Sequence[np.ndarray]) -> None:
+        self.images = images
+        self.iterator: Iterator[np.ndarray] = iter(images)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        image = next(self.iterator, None)
+        return None if image is None else {INPUT_NAME: image[None]}
+
+    def rewind(self) -> None:
+        self.iterator = iter(self.images)
+
+
+def quantize_onnx_qdq(
+    fp32_model: str | Path, out: str | Path, images: Sequence[np.ndarray], method: str = "minmax"
+) -> dict[str, Any]:
+    """Write the Q/DQ INT8 model to ``out``; returns what was done, for the bundle spec."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in ORT_METHODS:
+        raise ValueError(f"calibration method must be one of {ORT_METHODS}, got {method!r}")
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
+    with tempfile.TemporaryDirectory(prefix="lowmag-quant-") as tmp:
+        # Shape inference and graph cleanup first, as ONNX Runtime recommends before
+        # quantizing; skip_symbolic_shape because the dynamic H/W need no concrete sizes.
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_model), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out),
+            _Reader(images),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=calibrate,
+            # Biases stay float: an int32 DequantizeLinear is something TensorRT cannot parse.
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                           "CalibTensorRangeSymmetric": True, "QuantizeBias": False},
+        )
+    return {
+        "tool": "onnxruntime.quantization.quantize_static",
+        "format": "QDQ",
+        "ops": list(QUANTIZED_OPS),
+        "activations": "int8 symmetric, per tensor",
+        "weights": "int8 symmetric, per channel",
+        "method": method,
+        "images": len(images),
+    }
+
+
+def quantize_openvino_nncf(ov_model: Any, images: Sequence[np.ndarray], fast_bias_correction: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The NNCF-quantized copy of an OpenVINO model, and what was done."""
+    import nncf
+
+    dataset = nncf.Dataset(list(images), lambda image: {INPUT_NAME: image[None]})
+    quantized = nncf.quantize(
+        ov_model,
+        dataset,
+        preset=nncf.QuantizationPreset.PERFORMANCE,
+        subset_size=len(images),
+        fast_bias_correction=fast_bias_correction,
+    )
+    return quantized, {
+        "tool": f"nncf.quantize {nncf.__version__}",
+        "preset": "performance (symmetric int8)",
+        "images": len(images),
+        "fast_bias_correction": fast_bias_correction,
+    }
