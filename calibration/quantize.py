@@ -4,9 +4,12 @@ Two recipes, both fed by a ``CalibrationSet`` (uint8 images at the model's µm/p
 
 - ``quantize_onnx_qdq``: ONNX Runtime static quantization in QDQ format. Only Conv, Gemm
   and MatMul are quantized (the other ops stay float; quantizing more costs accuracy and
-  buys nothing on these runtimes). Activations and weights are int8 and *symmetric*
-  (zero point 0), weights per output channel: the one Q/DQ form that ONNX Runtime,
-  OpenVINO and TensorRT's explicit quantization all consume.
+  buys nothing on these runtimes). Weights are int8, symmetric, per output channel.
+  Activations are either ``int8`` symmetric (zero point 0): the one Q/DQ form that ONNX
+  Runtime, OpenVINO and TensorRT's explicit quantization all consume; or ``uint8``
+  asymmetric, which ONNX Runtime's x86 kernels run 2.5x faster (u8 x s8 is what
+  VPMADDUBSW/VNNI multiply; measured on the Kather 5x student: s8s8 220 ms, u8s8 88 ms,
+  FP32 136 ms for a 505 px piece) but TensorRT refuses.
 - ``quantize_openvino_nncf``: NNCF post-training quantization of an OpenVINO IR.
 """
 
@@ -43,8 +46,12 @@ class _Reader:
         self.iterator = iter(self.images)
 
 
+ACTIVATIONS = ("int8", "uint8")
+
+
 def quantize_onnx_qdq(
-    fp32_model: str | Path, out: str | Path, images: Sequence[np.ndarray], method: str = "minmax"
+    fp32_model: str | Path, out: str | Path, images: Sequence[np.ndarray], method: str = "minmax",
+    activations: str = "int8",
 ) -> dict[str, Any]:
     """Write the Q/DQ INT8 model to ``out``; returns what was done, for the bundle spec."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -52,6 +59,9 @@ def quantize_onnx_qdq(
 
     if method not in ORT_METHODS:
         raise ValueError(f"calibration method must be one of {ORT_METHODS}, got {method!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    symmetric = activations == "int8"
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
     with tempfile.TemporaryDirectory(prefix="lowmag-quant-") as tmp:
@@ -66,18 +76,18 @@ def quantize_onnx_qdq(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS),
             per_channel=True,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=calibrate,
             # Biases stay float: an int32 DequantizeLinear is something TensorRT cannot parse.
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                           "CalibTensorRangeSymmetric": True, "QuantizeBias": False},
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                           "CalibTensorRangeSymmetric": symmetric, "QuantizeBias": False},
         )
     return {
         "tool": "onnxruntime.quantization.quantize_static",
         "format": "QDQ",
         "ops": list(QUANTIZED_OPS),
-        "activations": "int8 symmetric, per tensor",
+        "activations": "int8 symmetric, per tensor" if symmetric else "uint8 asymmetric, per tensor",
         "weights": "int8 symmetric, per channel",
         "method": method,
         "images": len(images),

@@ -54,6 +54,18 @@ sed "s#../.demo/tiles#$(cd "$OUT" && pwd)/tiles#" demo/tiny-experiment.toml > "$
 "$BIN/distill-train" run "$OUT/experiment.toml" --out "$OUT/run" 2>&1 | grep -E "steps:|macro F1|report:"
 sed -n '/^| Magnification/,/^$/p' "$OUT/run/report/results.md"
 
+step "Exporting the 2 µm/px (5x) student to ONNX INT8 with export-student, gated against PyTorch"
+rm -rf "$OUT/splits" "$OUT/bundle-onnx-int8"
+"$BIN/distill-train" splits "$OUT/run" --out "$OUT/splits"
+# Calibrated on the slide's tissue and the unlabeled tiles; gated on the held-out test tiles;
+# temperature fitted on the validation tiles. A refused export writes nothing and exits 1.
+"$BIN/export-student" "$OUT/run/steps/distill-aux-both-scan_2" --target onnx --precision int8 \
+  --out "$OUT/bundle-onnx-int8" --calibration "$SLIDE" --calibration "$OUT/splits/unlabeled" \
+  --calibration-mpp 1.0 --patch-px 64 --calibration-size 300 \
+  --eval-images "$OUT/splits/test" --val-images "$OUT/splits/val" --mpp 1.0
+"$BIN/export-student" verify "$OUT/bundle-onnx-int8"
+
 step "Done"
-echo "Outputs in $OUT/: slide-<mag>.png, tissue-boxes.png, tissue.json, run/ (checkpoints and report/)"
-echo "Export and the slide watcher arrive with export-student and edge-classify."
+echo "Outputs in $OUT/: slide-<mag>.png, tissue-boxes.png, tissue.json, run/ (checkpoints and report/),"
+echo "bundle-onnx-int8/ (model.int8.onnx + lowmag.json with the gate results)."
+echo "The slide watcher arrives with edge-classify."

@@ -11,7 +11,7 @@ from lowmag.cli_support import configure_logging, handle_errors, stage_group
 
 main = stage_group(
     "Turn a trained student into a deployable ONNX / OpenVINO / TensorRT bundle.\n\n"
-    "  export-student CHECKPOINT --target onnx|openvino|tensorrt --precision fp32|fp16|int8 --out BUNDLE\n\n"
+    "\b\n  export-student CHECKPOINT --target onnx|openvino|tensorrt --precision fp32|fp16|int8 --out BUNDLE\n\n"
     "Every export runs the exported model next to the PyTorch model on real images and is "
     "refused (nothing written) when they disagree; the results go into the bundle's lowmag.json. "
     "`verify` checks a bundle, `bench` measures speed on this machine.",
@@ -36,6 +36,9 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
               help="Calibration images to sample (a warning below 300).")
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="How ONNX Runtime sets INT8 ranges (ONNX and TensorRT targets).")
+@click.option("--int8-activations", type=click.Choice(["auto", "uint8", "int8"]), default="auto", show_default=True,
+              help="Q/DQ activation type for ONNX targets. auto: uint8 (asymmetric) for ONNX Runtime, 2.5x "
+                   "faster on x86 CPUs; int8 (symmetric) for TensorRT, the form all three runtimes consume.")
 @click.option("--calibration-cache", type=_PATH, default=None,
               help="Where sampled calibration sets are cached (default ~/.cache/lowmag/calibration).")
 @click.option("--patch-px", type=click.IntRange(min=16), default=224, show_default=True,
@@ -120,6 +123,45 @@ def verify(bundle: Path, as_json: bool) -> None:
         return
     click.echo(summarise(loaded.spec, loaded.directory))
     click.echo(f"all {len(loaded.spec.artifacts)} files match their sha256")
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--piece-mm", default="1,3", show_default=True,
+              help="Side lengths (mm) of the square tissue pieces to time, comma-separated.")
+@click.option("--tile-um", type=click.FloatRange(min=1), default=71.3, show_default=True,
+              help="Side (µm) of the tiles in the tile-batch case (Kather's 144 px at 0.495 µm/px).")
+@click.option("--tile-batch", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Tiles per batch in the tile case (0: no tile case).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads per runtime (default: all cores).")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--no-eager", is_flag=True, help="Skip PyTorch eager (needs the source checkpoints).")
+@click.option("--out", type=_PATH, default=None, help="Write results.json and results.md into this folder.")
+@handle_errors
+def bench(bundles: tuple[Path, ...], piece_mm: str, tile_um: float, tile_batch: int, threads: int | None,
+          warmup: int, repeats: int, no_eager: bool, out: Path | None) -> None:
+    """Time BUNDLES on this machine next to PyTorch eager on their source checkpoints."""
+    import os
+
+    from lowmag.export.bench import bench_bundles, markdown
+    from lowmag.io import atomic_write_text
+
+    try:
+        pieces = [float(v) for v in piece_mm.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{piece_mm!r} is not a comma-separated list of millimetres", param_hint="--piece-mm")
+    result = bench_bundles(
+        bundles, piece_mm=pieces, tile_um=tile_um, tile_batch=tile_batch, threads=threads or os.cpu_count() or 1,
+        warmup=warmup, repeats=repeats, eager=not no_eager, progress=lambda text: click.echo(text, err=True),
+    )
+    table = markdown(result)
+    click.echo(table)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
+        atomic_write_text(out / "results.md", table)
+        click.echo(f"wrote {out}/results.json and results.md", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ sibling folder, so an interrupted or refused export leaves ``--out`` as it was.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -42,6 +43,7 @@ class ExportOptions:
     calibration_mpp: float | None = None
     calibration_size: int = 500
     calibration_method: str = "minmax"
+    int8_activations: str = "auto"
     calibration_cache: Path | None = None
     patch_px: int = 224
     parity_images: int = 64
@@ -114,7 +116,7 @@ def _progress(items: Sequence[Any], enabled: bool, label: str):
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=label, unit="image", leave=False)
+    return tqdm(items, desc=label, unit="image", leave=False, disable=None)  # None: off when not a terminal
 
 
 def _checkpoint_record(checkpoint: Path, spec: ModelSpec) -> dict[str, Any]:
@@ -171,8 +173,8 @@ def export_student(checkpoint: str | Path, out: str | Path, options: ExportOptio
             val_set = _read_labeled(options.val_images, options.mpp, spec.classes, options.center_crop,
                                     spec.target_mpp, options.progress)
 
-        inputs = BuildInputs(options.precision, calibration, options.calibration_method, options.threads,
-                             spec.target_mpp, options.profile)
+        inputs = BuildInputs(options.precision, calibration, options.calibration_method, options.int8_activations,
+                             options.threads, spec.target_mpp, options.profile)
         built = BUILDERS[options.target](work, fp32, inputs)
         session = built.session()
 
@@ -198,6 +200,12 @@ def export_student(checkpoint: str | Path, out: str | Path, options: ExportOptio
                                   **fit_temperature(logits_of(session, val_set[0]), val_set[1])}
             temperature = temperature_record["temperature"]
 
+        if calibration_manifest is not None and options.precision == "int8":
+            # What INT8 was calibrated on travels with the model, for audit.
+            from lowmag.io import atomic_write_text
+
+            atomic_write_text(work / "calibration.json", json.dumps(calibration_manifest, indent=1) + "\n")
+            built.files["calibration_manifest"] = "calibration.json"
         onnx_files = [name for name in built.files.values() if name.endswith(".onnx")]
         trt_problems = {name: check_tensorrt_onnx(work / name) for name in onnx_files}
         del session

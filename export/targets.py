@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from lowmag.errors import LowmagError
 from lowmag.runtimes import Session, open_model
 
 logger = logging.getLogger(__name__)
@@ -45,16 +46,17 @@ class BuildInputs:
     precision: str
     calibration: Sequence[np.ndarray] = ()
     calibration_method: str = "minmax"
+    int8_activations: str = "auto"  # auto: uint8 for ONNX Runtime, int8 for TensorRT
     threads: int | None = None
     target_mpp: float = 1.0
     profile: Any = None  # lowmag.tensorrt.ProfileShapes for TensorRT
 
 
-def _int8_onnx(work: Path, fp32: Path, inputs: BuildInputs) -> tuple[Path, dict[str, Any]]:
+def _int8_onnx(work: Path, fp32: Path, inputs: BuildInputs, activations: str) -> tuple[Path, dict[str, Any]]:
     from lowmag.calibration.quantize import quantize_onnx_qdq
 
     out = work / ONNX_FILES["int8"]
-    info = quantize_onnx_qdq(fp32, out, inputs.calibration, inputs.calibration_method)
+    info = quantize_onnx_qdq(fp32, out, inputs.calibration, inputs.calibration_method, activations)
     return out, info
 
 
@@ -77,7 +79,8 @@ def build_onnx(work: Path, fp32: Path, inputs: BuildInputs) -> Built:
         onnx.save(model, str(work / name))
         quantization = {"tool": "onnxruntime.transformers.float16", "kept_fp32": ["InstanceNormalization"]}
     else:
-        _, quantization = _int8_onnx(work, fp32, inputs)
+        activations = "uint8" if inputs.int8_activations == "auto" else inputs.int8_activations
+        _, quantization = _int8_onnx(work, fp32, inputs, activations)
     settings = {"threads": inputs.threads}
     return Built(
         files={"model": name},
@@ -136,7 +139,10 @@ def build_tensorrt(work: Path, fp32: Path, inputs: BuildInputs) -> Built:
 
     quantization = None
     if inputs.precision == "int8":
-        onnx_path, quantization = _int8_onnx(work, fp32, inputs)
+        if inputs.int8_activations == "uint8":
+            raise LowmagError("TensorRT's explicit quantization needs int8 symmetric activations; "
+                              "drop --int8-activations uint8 for --target tensorrt.")
+        onnx_path, quantization = _int8_onnx(work, fp32, inputs, "int8")
     else:
         onnx_path = work / ONNX_FILES["fp32"]
         shutil.copyfile(fp32, onnx_path)

@@ -250,5 +250,38 @@ def report(run_dir: Path) -> None:
     click.echo(paths["markdown"])
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to fill with one subfolder per split.")
+@handle_errors
+def splits(run_dir: Path, out: Path) -> None:
+    """Link each split's image files into OUT/<split>/<class>/ (unlabeled: OUT/unlabeled/).
+
+    The held-out test and validation images of a run then serve as --eval-images and
+    --val-images of export-student, and the unlabeled ones as its --calibration set.
+    Only for runs on image folders; files are linked, never copied or changed.
+    """
+    import os
+
+    listing = run_dir / "splits.json"
+    if not listing.is_file():
+        raise click.ClickException(f"{listing} not found; RUN_DIR must be a distill-train run folder")
+    items = json.loads(listing.read_text())["items"]
+    counts = {}
+    for split, keys in items.items():
+        for key in keys:
+            path = Path(key.split("@", 1)[0]).resolve()
+            if not path.is_file():
+                raise click.ClickException(f"{path} (listed in {listing}) is missing; restore the training images")
+            folder = out / split if split == "unlabeled" else out / split / path.parent.name
+            folder.mkdir(parents=True, exist_ok=True)
+            link = folder / path.name
+            if not link.exists():
+                os.symlink(path, link)
+            counts[split] = counts.get(split, 0) + 1
+    click.echo(", ".join(f"{split} {n}" for split, n in counts.items()) + f" images linked under {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

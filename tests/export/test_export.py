@@ -89,13 +89,16 @@ def test_every_target_and_precision_passes_the_gate(student, he_images, he_eval,
                      "--max-f1-drop", "5"])
     assert result.exit_code == 0, result.output
     bundle = load_bundle(out)
-    assert set(bundle.spec.artifacts) == files and bundle.precision == precision
     gate = bundle.spec.export["gate"]
     assert gate["parity"]["top1_agreement"] >= 0.95
     assert gate["accuracy"]["macro_f1_change"] >= -5.0 and gate["policy"]["max_f1_drop"] == 5
     if precision == "int8":
+        files = files | {"calibration.json"}
+        manifest = json.loads((out / "calibration.json").read_text())
+        assert manifest["counts"]["calibration"] == 60 and len(manifest["items"]) == 60 + 12
         assert bundle.spec.export["quantization"]["images"] == 60
         assert bundle.spec.export["calibration"]["counts"]["calibration"] == 60
+    assert set(bundle.spec.artifacts) == files and bundle.precision == precision
     if target == "openvino":
         hint = bundle.runtime_settings["openvino"]["config"].get("INFERENCE_PRECISION_HINT")
         assert hint == ("f32" if precision in ("fp32", "int8") else None)
@@ -104,7 +107,9 @@ def test_every_target_and_precision_passes_the_gate(student, he_images, he_eval,
 
         ops = {n.op_type for n in onnx.load(str(bundle.path())).graph.node}
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-        assert bundle.spec.export["tensorrt_onnx_check"] == {"model.int8.onnx": "compatible"}
+        # ONNX Runtime's fast form (uint8 activations) is recorded as one TensorRT refuses.
+        assert bundle.spec.export["quantization"]["activations"].startswith("uint8")
+        assert any("zero point" in p for p in bundle.spec.export["tensorrt_onnx_check"]["model.int8.onnx"])
     # What the gate measured is what a runtime loading the bundle gets.
     images, labels = eval_pixels(he_eval, bundle.spec.target_mpp)
     f1_exported = gate["accuracy"]["macro_f1_exported"]
@@ -222,3 +227,21 @@ def test_running_a_bundle_imports_no_torch(student, he_eval, tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.shared_data
+def test_int8_calibrated_on_real_slides(student, slides_dir, he_eval, tmp_path):
+    """The real scanner files (SVS, pyramidal TIFF, DICOM; bad/ ones skipped) calibrate INT8."""
+    out = tmp_path / "bundle"
+    result = export([student, "--precision", "int8", "--int8-activations", "int8", "--out", out, "--calibration", slides_dir,
+                     "--patch-px", "64", "--calibration-size", "80", "--parity-images", "16",
+                     "--eval-images", he_eval, "--mpp", SCAN_MPP, "--max-f1-drop", "5"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "calibration.json").read_text())
+    used = {Path(s["path"]).name for s in manifest["sources"] if s["n_calibration"] + s["n_holdout"] > 0}
+    assert len(used) >= 2 and not any("bad" in Path(s).parts for s in used)
+    assert manifest["counts"] == {"calibration": 80, "holdout": 16}
+    spec = load_bundle(out).spec
+    assert spec.export["gate"]["parity"]["images"] == 16 + 60
+    # The portable form: int8 symmetric Q/DQ that TensorRT's parser takes too.
+    assert spec.export["tensorrt_onnx_check"] == {"model.int8.onnx": "compatible"}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Export the Kather 2016 students (distillation with the unlabeled tiles) to ONNX and OpenVINO,
+# FP32 and INT8, each gated on the held-out test tiles, then time them on this machine.
+# Needs the finished run of `distill-train run train/configs/kather2016.toml --out runs/kather2016`.
+# Writes bundles to runs/kather2016-bundles/ and the figures to docs/kather2016-export/.
+set -euo pipefail
+RUN=${RUN:-runs/kather2016}
+BUNDLES=${BUNDLES:-runs/kather2016-bundles}
+SPLITS=${SPLITS:-runs/kather2016-splits}
+DOCS=docs/kather2016-export
+mkdir -p "$BUNDLES" "$DOCS"
+
+# The run's own test/val/unlabeled tiles as folders (symlinks): no training tile is evaluated on.
+[ -d "$SPLITS/test" ] || distill-train splits "$RUN" --out "$SPLITS"
+
+# name, then export-student options. onnx-int8 uses ONNX Runtime's fast uint8 activations;
+# onnx-int8s8 is the portable int8-symmetric Q/DQ model (the form TensorRT builds from).
+VARIANTS=(
+  "onnx-fp32      --target onnx --precision fp32"
+  "onnx-int8      --target onnx --precision int8"
+  "onnx-int8s8    --target onnx --precision int8 --int8-activations int8"
+  "openvino-fp32  --target openvino --precision fp32"
+  "openvino-int8  --target openvino --precision int8"
+)
+for step in distill-aux-both-scan_2 distill-aux-both-scan_4 distill-aux-both-scan_8; do
+  for variant in "${VARIANTS[@]}"; do
+    read -r name options <<<"$variant"
+    out="$BUNDLES/$step-$name"
+    echo "== $out" >&2
+    # The unlabeled auxiliary tiles (0.495 µm/px) calibrate INT8 and give the parity images;
+    # the test tiles, centre-cropped to 144 px as in training, are the accuracy gate;
+    # the validation tiles fit the temperature.
+    # shellcheck disable=SC2086
+    export-student "$RUN/steps/$step" $options --out "$out" --force \
+      --calibration "$SPLITS/unlabeled" --calibration-mpp 0.495 \
+      --eval-images "$SPLITS/test" --val-images "$SPLITS/val" --mpp 0.495 --center-crop 144 \
+      2>&1 | tee "$out.log" || echo "export refused: see $out.log" >&2
+  done
+done
+
+python - "$BUNDLES" "$DOCS/gate.md" "$DOCS/gate.json" <<'PY'
+import json, sys
+from pathlib import Path
+rows = []
+for spec_path in sorted(Path(sys.argv[1]).glob("*/lowmag.json")):
+    spec = json.loads(spec_path.read_text())
+    e = spec["export"]; g = e["gate"]; a = g["accuracy"]; t = e["temperature"]
+    rows.append({"bundle": spec_path.parent.name, "magnification": spec["magnification"], "target": e["target"],
+                 "precision": spec["precision"], "parity_images": g["parity"]["images"],
+                 "max_abs_logit_diff": g["parity"]["max_abs_logit_diff"], "top1_agreement": g["parity"]["top1_agreement"],
+                 "macro_f1_pytorch": a["macro_f1_pytorch"], "macro_f1_exported": a["macro_f1_exported"],
+                 "macro_f1_change": a["macro_f1_change"], "temperature": t.get("temperature"),
+                 "ece_before": t.get("ece_before"), "ece_after": t.get("ece_after"),
+                 "calibration": (e.get("calibration") or {}).get("counts"), "size_bytes": sum(
+                     (spec_path.parent / f).stat().st_size for f in spec["artifacts"])})
+Path(sys.argv[3]).write_text(json.dumps(rows, indent=1) + "\n")
+lines = ["| bundle | mag | target | precision | parity images | max abs Δlogit | top-1 agreement | macro F1 PyTorch | exported | change | T | ECE before → after | size MB |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+for r in rows:
+    lines.append(f"| {r['bundle']} | {r['magnification']} | {r['target']} | {r['precision']} | {r['parity_images']} | "
+                 f"{r['max_abs_logit_diff']:.2g} | {100*r['top1_agreement']:.1f}% | {r['macro_f1_pytorch']:.1f} | "
+                 f"{r['macro_f1_exported']:.1f} | {r['macro_f1_change']:+.2f} | {r['temperature']} | "
+                 f"{r['ece_before']:.3f} → {r['ece_after']:.3f} | {r['size_bytes']/1e6:.1f} |")
+Path(sys.argv[2]).write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
+
+# Speed on this machine: every bundle next to PyTorch eager on its source checkpoint.
+[ -n "${SKIP_BENCH:-}" ] || export-student bench "$BUNDLES"/*-fp32 "$BUNDLES"/*-int8 "$BUNDLES"/*-int8s8 --out "$DOCS"
