@@ -172,14 +172,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m['threads_used']} threads per runtime. "
         + ", ".join(f"{k} {v}" for k, v in m["tools"].items() if k in ("torch", "onnxruntime", "openvino")),
         "",
-        "| magnification | input | runtime | precision | median ms | p90 ms | mm²/s | speed-up vs eager | macro-F1 change (gate) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| magnification | input | bundle | runtime | precision | median ms | p90 ms | mm²/s | speed-up vs eager | macro-F1 change (gate) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         change = "" if r["macro_f1_change"] is None else f"{r['macro_f1_change']:+.2f}"
         speedup = "" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
         lines.append(
-            f"| {r['magnification']} | {r['case']} ({r['batch']}×{r['side_px']} px) | {r['backend']} | "
+            f"| {r['magnification']} | {r['case']} ({r['batch']}×{r['side_px']} px) | {Path(r['source']).name} | {r['backend']} | "
             f"{r['precision']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['mm2_per_s']:.3g} | "
             f"{speedup} | {change} |"
         )

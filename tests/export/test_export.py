@@ -41,7 +41,7 @@ def eval_pixels(folder: Path, target_mpp: float) -> tuple[list[np.ndarray], np.n
 def test_onnx_fp32_bundle_proves_itself_and_records_everything(student, he_eval, he_val, synthetic_slide, tmp_path):
     out = tmp_path / "bundle"
     result = export([student, "--target", "onnx", "--out", out, "--calibration", synthetic_slide,
-                     "--patch-px", "64", "--parity-images", "16",
+                     "--patch-px", "64", "--parity-images", "16", "--features",
                      "--eval-images", he_eval, "--val-images", he_val, "--mpp", SCAN_MPP])
     assert result.exit_code == 0, result.output
     assert "gate passed" in result.output and "temperature" in result.output
@@ -68,6 +68,10 @@ def test_onnx_fp32_bundle_proves_itself_and_records_everything(student, he_eval,
     images, labels = eval_pixels(he_eval, spec.target_mpp)
     predicted = logits_of(open_bundle(bundle), images).argmax(1)
     assert (predicted == labels).mean() >= 0.9
+    # --features: the final feature map comes out too (512 channels, 1/32 of the input side).
+    assert export_["outputs"] == ["logits", "features"]
+    outputs = open_bundle(bundle).run(np.zeros((2, 64, 96, 3), np.uint8))
+    assert outputs["logits"].shape == (2, len(CLASSES)) and outputs["features"].shape == (2, 512, 2, 3)
 
     verify = CliRunner().invoke(main, ["verify", str(out)])
     assert verify.exit_code == 0 and "files match" in verify.output
@@ -245,3 +249,20 @@ def test_int8_calibrated_on_real_slides(student, slides_dir, he_eval, tmp_path):
     assert spec.export["gate"]["parity"]["images"] == 16 + 60
     # The portable form: int8 symmetric Q/DQ that TensorRT's parser takes too.
     assert spec.export["tensorrt_onnx_check"] == {"model.int8.onnx": "compatible"}
+
+
+def test_bench_times_the_bundle_next_to_pytorch_eager(student, he_eval, tmp_path):
+    bundle = tmp_path / "bundle"
+    assert export([student, "--out", bundle, "--eval-images", he_eval, "--mpp", SCAN_MPP]).exit_code == 0
+    result = CliRunner().invoke(main, ["bench", str(bundle), "--piece-mm", "0.1,0.2", "--tile-batch", "4",
+                                       "--repeats", "2", "--warmup", "0", "--threads", "1", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b" / "results.json").read_text())
+    rows = report["rows"]
+    assert {(r["backend"], r["case"]) for r in rows} == {
+        (backend, case) for backend in ("pytorch-eager", "onnxruntime")
+        for case in ("0.1 mm piece", "0.2 mm piece", "4 tiles of 71.3 µm")}
+    piece = next(r for r in rows if r["backend"] == "onnxruntime" and r["case"] == "0.2 mm piece")
+    assert piece["side_px"] == 200 and piece["median_ms"] > 0 and piece["speedup_vs_eager"] > 0
+    assert report["machine"]["threads_used"] == 1 and report["machine"]["tools"]["onnxruntime"]
+    assert "| onnxruntime | fp32 |" in (tmp_path / "b" / "results.md").read_text()

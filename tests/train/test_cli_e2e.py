@@ -90,6 +90,15 @@ def test_run_trains_every_phase_and_writes_the_report(tiny_config: Path, tmp_pat
     assert result["metrics"]["n"] == 15 and result["metrics"]["input_px"] == SIDE // 2
     assert result["metrics"]["macro_f1"]["ci_low"] <= result["metrics"]["macro_f1"]["value"]
 
+    # splits: the run's held-out images as folders, for export-student's gate and calibration.
+    printed = _invoke(["splits", str(out), "--out", str(tmp_path / "splits")])
+    listing = json.loads((out / "splits.json").read_text())["items"]
+    for split, keys in listing.items():
+        linked = sorted((tmp_path / "splits" / split).rglob("*.png"))
+        assert len(linked) == len(keys) and all(p.is_symlink() for p in linked)
+        if split != "unlabeled":  # labeled splits keep one subfolder per class
+            assert {p.parent.name for p in linked} <= {"a_stripes", "b_dots", "c_flat"}
+
 
 def test_a_changed_config_is_refused_for_an_existing_run(tiny_config: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
