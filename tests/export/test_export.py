@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from lowmag.bundle import load_bundle
 from lowmag.errors import ArtifactHashError, SpecError
@@ -21,7 +21,7 @@ from .conftest import CLASSES, SCAN_MPP
 pytestmark = pytest.mark.usefixtures("student")
 
 
-def export(args: list[str]) -> "click.testing.Result":  # noqa: F821
+def export(args: list) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
