@@ -81,13 +81,13 @@ def export_command(checkpoint: Path, out: Path, profile: str | None, verbose: in
     click.echo(summarise(spec, out))
 
 
-def summarise(spec, out: Path) -> str:
+def summarise(spec, out: Path, verb: str = "wrote") -> str:
     """A few lines a person reads after an export: files, gate, temperature."""
     export = spec.export
     gate = export["gate"]
     parity = gate["parity"]
     lines = [
-        f"wrote {out}: {export['target']} {spec.precision}, {spec.magnification} ({spec.target_mpp:g} µm/px), "
+        f"{verb} {out}: {export['target']} {spec.precision}, {spec.magnification} ({spec.target_mpp:g} µm/px), "
         f"files {', '.join(sorted(set(export['files'].values())))}",
         f"gate passed: {parity['images']} real images, max |Δlogit| {parity['max_abs_logit_diff']:.3g}, "
         f"top-1 agreement {100 * parity['top1_agreement']:.1f}%",
@@ -103,6 +103,7 @@ def summarise(spec, out: Path) -> str:
         lines.append(
             f"temperature {temperature['temperature']:.3g}: ECE {temperature['ece_before']:.3f} → "
             f"{temperature['ece_after']:.3f} on {temperature['images']} validation images"
+            + ("" if temperature.get("applied", True) else f" (not applied: {temperature['why']}; spec keeps 1.0)")
         )
     if gate.get("warning"):
         lines.append(f"WARNING: {gate['warning']} (allowed by --allow-accuracy-drop)")
@@ -121,7 +122,7 @@ def verify(bundle: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(loaded.spec.to_dict(), indent=2))
         return
-    click.echo(summarise(loaded.spec, loaded.directory))
+    click.echo(summarise(loaded.spec, loaded.directory, verb="bundle"))
     click.echo(f"all {len(loaded.spec.artifacts)} files match their sha256")
 
 

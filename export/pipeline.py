@@ -198,7 +198,16 @@ def export_student(checkpoint: str | Path, out: str | Path, options: ExportOptio
 
             temperature_record = {"fitted": True, "on": str(options.val_images),
                                   **fit_temperature(logits_of(session, val_set[0]), val_set[1])}
-            temperature = temperature_record["temperature"]
+            if temperature_record["at_search_limit"]:
+                # Typically a validation set the model never gets wrong: NLL keeps falling as
+                # T -> 0, and applying such a T would make every prediction look certain.
+                why = "the fit ran to the edge of its range, so the validation set cannot pin T down"
+                logger.warning("%s: temperature %.3g not applied: %s (use a larger validation set "
+                               "with some errors)", options.val_images, temperature_record["temperature"], why)
+                temperature_record.update(applied=False, why=why)
+            else:
+                temperature_record["applied"] = True
+                temperature = temperature_record["temperature"]
 
         if calibration_manifest is not None and options.precision == "int8":
             # What INT8 was calibrated on travels with the model, for audit.
