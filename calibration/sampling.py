@@ -133,7 +133,8 @@ def sample_calibration_set(
     if not drawn:
         hint = ""
         if any(s.missing_mpp for s in found):
-            hint = " Plain images (PNG, JPEG, untiled TIFF) need image_mpp (their µm/px)."
+            hint = (" Plain images (PNG, JPEG, untiled TIFF) need their µm/px: export-student "
+                    "--calibration-mpp X (image_mpp in Python).")
         raise CalibrationError(
             f"no usable calibration image in {', '.join(str(s) for s in sources)} "
             f"({len(found)} slide(s)/image(s) found): none holds enough tissue "
@@ -166,7 +167,7 @@ def _discover(sources: Sequence[str | Path], image_mpp: float | None) -> list[_S
     if plain and image_mpp is None:
         raise CalibrationError(
             f"{plain[0]}: a plain image ({len(plain)} in the sources) carries no trustworthy "
-            "µm/px. Fix: pass image_mpp (--image-mpp), e.g. 0.495 for the Kather 2016 tiles."
+            "µm/px. Fix: pass their µm/px (export-student --calibration-mpp, image_mpp in Python), e.g. 0.495 for the Kather 2016 tiles."
         )
     return found
 
@@ -337,7 +338,9 @@ def _grid(length: int, step: int) -> list[int]:
 
 
 def _skip(s: _Source, error: SlideError) -> None:
-    logger.warning("skipping for calibration: %s", error)  # the message names the file
+    # The message names the file; its fix speaks of `lowmag`'s --assume-mpp, which is
+    # --calibration-mpp on export-student (plain images only; slides carry their own).
+    logger.warning("skipping for calibration: %s", error)
     s.skipped_reason = error.reason
     s.missing_mpp = isinstance(error, MissingMppError)
     _close(s)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lowmag.io import atomic_write_bytes
+from lowmag.errors import SpecError
 from lowmag.spec import ModelSpec, check_preprocessing, read_spec, verify_artifacts, write_spec
 from lowmag.train.models import ResNet, build_model
 
@@ -49,6 +50,11 @@ def load_checkpoint(path: str | Path) -> tuple[ResNet, ModelSpec]:
     if directory.name.endswith(".json"):
         directory = directory.parent
     spec = read_spec(directory)
+    if spec.export or WEIGHTS not in spec.artifacts:
+        source = (spec.export.get("source_checkpoint") or {}).get("path")
+        raise SpecError(directory / "lowmag.json", (
+            "is an exported bundle, not a training checkpoint (no model.safetensors); pass the "
+            "checkpoint folder distill-train wrote" + (f", here {source}" if source else "")) + ".")
     verify_artifacts(spec, directory)
     check_preprocessing(spec, directory)
     model = build_model(spec.architecture, len(spec.classes))

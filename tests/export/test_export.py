@@ -221,6 +221,11 @@ def test_a_tampered_bundle_is_refused(student, he_eval, tmp_path):
     assert result.exit_code == 1 and "model.onnx" in result.output and "re-export" in result.output
     with pytest.raises(SpecError, match="training checkpoint"):
         load_bundle(student)
+    # ...and the other way round: a bundle is not something to export from.
+    result = CliRunner().invoke(main, [str(out), "--out", str(tmp_path / "again"), "--eval-images", str(he_eval),
+                                       "--mpp", str(SCAN_MPP)])
+    assert result.exit_code == 1 and "exported bundle, not a training checkpoint" in result.output
+    assert str(student.resolve()) in result.output
 
 
 def test_running_a_bundle_imports_no_torch(student, he_eval, tmp_path):
