@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from lowmag.errors import CalibrationError, MissingMppError, SlideError
-from lowmag.io import atomic_open, atomic_write_text
+from lowmag.io import atomic_open, atomic_write_text, user_cache_dir
 from lowmag.reader import PREPROCESSING_VERSION, Region, output_size, read_at_mpp
 from lowmag.slide import PlainImageSlide, Slide, open_slide
 from lowmag.tissue import TissueParams, locate_tissue, tissue_mask
@@ -86,8 +85,7 @@ class _Source:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("LOWMAG_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "lowmag") / "calibration"
+    return user_cache_dir("calibration")
 
 
 def sample_calibration_set(

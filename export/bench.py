@@ -73,7 +73,7 @@ def _summary(times: list[float], case: Case) -> dict[str, Any]:
             "repeats": len(times)}
 
 
-def _eager(bundle: Bundle, threads: int) -> tuple[Callable[[np.ndarray], Any], str]:
+def _eager(bundle: Bundle, threads: int) -> Callable[[np.ndarray], Any]:
     """PyTorch eager on the bundle's source checkpoint (hash-checked), with the same graph."""
     import torch
 
@@ -92,7 +92,7 @@ def _eager(bundle: Bundle, threads: int) -> tuple[Callable[[np.ndarray], Any], s
         with torch.inference_mode():
             return graph(torch.from_numpy(pixels))
 
-    return run, str(source)
+    return run
 
 
 def bench_bundles(paths: Sequence[Path], *, piece_mm: Sequence[float], tile_um: float, tile_batch: int,
@@ -110,8 +110,7 @@ def bench_bundles(paths: Sequence[Path], *, piece_mm: Sequence[float], tile_um: 
         runners: list[tuple[str, str, str, Callable[[np.ndarray], Any]]] = []
         source = spec.export["source_checkpoint"]["path"]
         if eager and source not in eager_done:
-            run, _ = _eager(bundle, threads)
-            runners.append(("pytorch-eager", "fp32", source, run))
+            runners.append(("pytorch-eager", "fp32", source, _eager(bundle, threads)))
             eager_done.add(source)
         session = open_bundle(bundle, threads=threads)
         runners.append((session.backend, bundle.precision, str(bundle.directory), session.run))
@@ -146,22 +145,15 @@ def machine(threads: int) -> dict[str, Any]:
 
     from lowmag.export.pipeline import tool_versions
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
-        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16") if f" {f}" in flags]
-    except OSError:
-        isa = []
+    from lowmag.provenance import cpu_info
+
+    cpu = cpu_info()
     memory = None
     try:
         memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         pass
-    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "threads_used": threads, "memory_gib": memory,
+    return {"cpu": cpu["model"], "isa": cpu["isa"], "cores": cpu["cores"], "threads_used": threads, "memory_gib": memory,
             "os": platform.platform(), "tools": tool_versions()}
 
 

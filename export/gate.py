@@ -32,18 +32,6 @@ class GatePolicy:
     allow_accuracy_drop: bool = False
 
 
-def _macro_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> float:
-    scores = []
-    for c in range(num_classes):
-        if not ((labels == c).any() or (predicted == c).any()):
-            continue
-        tp = np.sum((labels == c) & (predicted == c))
-        fp = np.sum((labels != c) & (predicted == c))
-        fn = np.sum((labels == c) & (predicted != c))
-        scores.append(2 * tp / max(2 * tp + fp + fn, 1))
-    return float(np.mean(scores)) if scores else 0.0
-
-
 def compare(reference: np.ndarray, exported: np.ndarray) -> dict[str, Any]:
     """Logit differences and top-1 agreement between two (N, classes) arrays."""
     diff = np.abs(reference.astype(np.float64) - exported.astype(np.float64))
@@ -57,8 +45,10 @@ def compare(reference: np.ndarray, exported: np.ndarray) -> dict[str, Any]:
 
 def accuracy_change(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
     """Macro F1 (%) of both models on a labeled set, and the change in points."""
-    ref = 100 * _macro_f1(labels, reference.argmax(1), num_classes)
-    exp = 100 * _macro_f1(labels, exported.argmax(1), num_classes)
+    from lowmag.train.phases import macro_f1  # the same macro F1 distill-train reports
+
+    ref = 100 * macro_f1(labels, reference.argmax(1), num_classes)
+    exp = 100 * macro_f1(labels, exported.argmax(1), num_classes)
     return {
         "images": int(len(labels)),
         "macro_f1_pytorch": round(ref, 3),

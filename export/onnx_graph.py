@@ -53,20 +53,16 @@ class StudentGraph(nn.Module):
 
 def reference_logits(graph: StudentGraph, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
     """PyTorch eager logits for uint8 images, one shape group at a time (the parity reference)."""
+    from lowmag.runtimes import shape_batches
+
     out: list[np.ndarray | None] = [None] * len(images)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(images):
-        by_shape.setdefault(image.shape, []).append(i)
     graph.eval()
     with torch.inference_mode():
-        for indices in by_shape.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
-                batch = torch.from_numpy(np.stack([images[i] for i in chunk]))
-                result = graph(batch)
-                logits = result[0] if isinstance(result, tuple) else result
-                for row, i in enumerate(chunk):
-                    out[i] = logits[row].float().numpy()
+        for chunk in shape_batches(images, batch_size):
+            result = graph(torch.from_numpy(np.stack([images[i] for i in chunk])))
+            logits = result[0] if isinstance(result, tuple) else result
+            for row, i in enumerate(chunk):
+                out[i] = logits[row].float().numpy()
     return np.stack(out).astype(np.float32)  # type: ignore[arg-type]
 
 
@@ -100,11 +96,10 @@ def export_onnx(graph: StudentGraph, path: str | Path, example_side: int = 64) -
             )
     finally:
         quiet.setLevel(level)
-    program.save(str(path), external_data=False)
     # TensorRT takes a uint8 input only straight into a Cast; torch writes Transpose first.
     import onnx
 
     from lowmag.tensorrt import cast_uint8_inputs_first
 
-    onnx.save(cast_uint8_inputs_first(onnx.load(str(path))), str(path))
+    onnx.save(cast_uint8_inputs_first(program.model_proto), str(path))
     return path

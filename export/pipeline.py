@@ -99,15 +99,10 @@ def _preflight(checkpoint: Path, out: Path, options: ExportOptions) -> None:
 def _read_labeled(folder: Path, mpp: float, classes: Sequence[str], crop: int | None, target_mpp: float,
                   progress: bool) -> tuple[list[np.ndarray], np.ndarray]:
     """A labeled class-folder read at the model's µm/px with the core reader (as in training)."""
-    from lowmag.reader import read_at_mpp
-    from lowmag.slide import open_slide
     from lowmag.train.data import scan_image_folder
 
     _, items = scan_image_folder(folder, scan_mpp=mpp, classes=classes, crop_px=crop, require_all_classes=False)
-    images = []
-    for item in _progress(items, progress, f"reading {folder.name} at {target_mpp:g} µm/px"):
-        with open_slide(item.path, assume_mpp=item.scan_mpp) as slide:
-            images.append(read_at_mpp(slide, target_mpp, item.region, exact=True))
+    images = [item.read(target_mpp) for item in _progress(items, progress, f"reading {folder.name} at {target_mpp:g} µm/px")]
     return images, np.array([item.label for item in items], np.int64)
 
 

@@ -74,6 +74,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         handle.write(data)
 
 
+def user_cache_dir(name: str) -> Path:
+    """``$LOWMAG_CACHE_DIR/<name>``, else ``~/.cache/lowmag/<name>``: machine-local caches."""
+    root = os.environ.get("LOWMAG_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "lowmag") / name
+
+
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file's content, read in chunks."""
     digest = hashlib.sha256()

@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 from pathlib import Path
+
+#: Instruction sets that decide how fast INT8 and bf16 inference can be on x86.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")
+
+
+def cpu_info() -> dict[str, object]:
+    """This machine's CPU: model name, logical cores and the inference-relevant ISA flags."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {
+        "model": model or platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "isa": [f for f in CPU_FEATURES if f in flags],
+    }
 
 
 def git_sha(repo: str | Path | None = None) -> str | None:

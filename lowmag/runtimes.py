@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -123,20 +123,25 @@ def open_bundle(bundle: Bundle, backend: str | None = None, *, threads: int | No
                       settings=bundle.runtime_settings.get(backend), device=device)
 
 
-def run_images(session: Session, images: Sequence[np.ndarray], batch_size: int = 32) -> dict[str, list[np.ndarray]]:
-    """Outputs per image, in order; images of equal shape are batched together."""
+def shape_batches(images: Sequence[np.ndarray], batch_size: int) -> Iterator[list[int]]:
+    """Indices of ``images`` in batches of at most ``batch_size`` images of one shape."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         by_shape.setdefault(tuple(image.shape), []).append(i)
-    results: dict[str, list[Any]] = {}
     for indices in by_shape.values():
         for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            outputs = session.run(np.stack([images[i] for i in chunk]))
-            for name, value in outputs.items():
-                slots = results.setdefault(name, [None] * len(images))
-                for row, i in enumerate(chunk):
-                    slots[i] = value[row]
+            yield indices[start:start + batch_size]
+
+
+def run_images(session: Session, images: Sequence[np.ndarray], batch_size: int = 32) -> dict[str, list[np.ndarray]]:
+    """Outputs per image, in order; images of equal shape are batched together."""
+    results: dict[str, list[Any]] = {}
+    for chunk in shape_batches(images, batch_size):
+        outputs = session.run(np.stack([images[i] for i in chunk]))
+        for name, value in outputs.items():
+            slots = results.setdefault(name, [None] * len(images))
+            for row, i in enumerate(chunk):
+                slots[i] = value[row]
     return results
 
 

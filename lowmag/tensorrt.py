@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 from lowmag.bundle import INPUT_NAME
 from lowmag.errors import EngineMismatchError, LowmagError, TensorRTUnavailableError
-from lowmag.io import atomic_open, atomic_write_text, sha256_file
+from lowmag.io import atomic_open, atomic_write_text, sha256_file, user_cache_dir
 from lowmag.tensorrt_onnx import TENSORRT_ONNX_OPS, cast_uint8_inputs_first, check_tensorrt_onnx
 
 __all__ = [  # the ONNX check lives in tensorrt_onnx; callers import everything from here
@@ -370,8 +370,7 @@ def _precheck(onnx_path: Path, trt: Any) -> list[str]:
 
 def engine_cache_dir() -> Path:
     """``$LOWMAG_CACHE_DIR/engines``, else ``~/.cache/lowmag/engines``."""
-    root = os.environ.get("LOWMAG_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "lowmag") / "engines"
+    return user_cache_dir("engines")
 
 
 def prepare_engine(bundle_dir: str | Path, *, rebuild: bool = False, cache_dir: str | Path | None = None,

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lowmag.errors import LowmagError
-from lowmag.reader import PREPROCESSING_VERSION, read_at_mpp
+from lowmag.reader import PREPROCESSING_VERSION
 from lowmag.train.data import Item
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,6 @@ def build_cache(
     items: Sequence[Item], mpp: float, cache_dir: str | Path, *, progress: Progress | None = None
 ) -> PixelCache:
     """The cache of ``items`` at ``mpp`` µm/px, reading the items only if it does not exist yet."""
-    from lowmag.slide import open_slide
-
     cache_dir = Path(cache_dir)
     folder = cache_dir / f"{mpp:.4g}um-{cache_key(items, mpp)}"
     if (folder / "manifest.json").is_file():
@@ -107,8 +105,7 @@ def build_cache(
         offset = 0
         with open(staging / "pixels.bin", "wb") as out:
             for i, item in enumerate(items):
-                with open_slide(item.path, assume_mpp=item.scan_mpp) as slide:
-                    rgb = read_at_mpp(slide, mpp, item.region, exact=True)
+                rgb = item.read(mpp)
                 out.write(np.ascontiguousarray(rgb).tobytes())
                 index[i] = (offset, rgb.shape[0], rgb.shape[1])
                 offset += rgb.size

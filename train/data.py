@@ -15,10 +15,13 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from lowmag.errors import LowmagError
 from lowmag.reader import Region
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,15 @@ class Item:
         r = self.region
         where = f"@{r.x},{r.y},{r.width},{r.height}" if r else ""
         return f"{self.path}{where}"
+
+    def read(self, mpp: float) -> "np.ndarray":
+        """The item's RGB pixels at ``mpp`` µm/px, resampled from full resolution (the
+        paper's protocol, as in training), with the core reader."""
+        from lowmag.reader import read_at_mpp
+        from lowmag.slide import open_slide
+
+        with open_slide(self.path, assume_mpp=self.scan_mpp) as slide:
+            return read_at_mpp(slide, mpp, self.region, exact=True)
 
 
 def _class_folders(root: Path) -> list[str]:

@@ -83,15 +83,10 @@ class Runtime:
 
 
 def _cpu_model() -> str:
-    import platform
+    from lowmag.provenance import cpu_info
 
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    cpu = cpu_info()
+    return f"{cpu['model']}, {cpu['cores']} cores"
 
 
 def make_runtime(config: RuntimeConfig) -> Runtime:

@@ -297,7 +297,7 @@ def test_cache_is_reused_without_reading_and_keyed_by_mpp_and_files(tmp_path, ca
         raise AssertionError("the cache re-read an image")
 
     with monkeypatch.context() as patch:
-        patch.setattr("lowmag.train.cache.read_at_mpp", no_reading)
+        patch.setattr("lowmag.reader.read_at_mpp", no_reading)  # Item.read imports it per call
         calls = []
         again = build_cache(cache_items, 1.0, cache_dir, progress=calls.append)
     assert calls == [3]  # the whole total at once
