@@ -1,13 +1,194 @@
-"""``edge-classify``: Classify every new slide a scanner writes, on a CPU or a small GPU (no torch)."""
+"""``edge-classify``: classify every new slide a scanner writes, on a CPU or a small GPU (no torch).
+
+``run`` classifies existing slides once, ``watch`` follows a scanner's output folder for
+months, ``status`` summarises what an output folder's ledger holds.
+"""
 
 from __future__ import annotations
 
-from lowmag.cli_support import stage_group
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
 
-main = stage_group(
-    "Classify every new slide a scanner writes, on a CPU or a small GPU (no torch).",
-    pending="the edge-classify issue (#5)",
-)
+import click
+
+from lowmag.cli_support import handle_errors, stage_group
+
+logger = logging.getLogger("lowmag.edge")
+
+main = stage_group("Classify every new slide a scanner writes, on a CPU or a small GPU (no torch).")
+
+
+def _engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by run and watch: the model, the runtime and the per-slide pipeline."""
+    options = [
+        click.option("--model", "model", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Bundle folder written by export-student."),
+        click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="Output folder: results/, summary.csv, ledger.sqlite."),
+        click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
+                     show_default=True, help="Runtime; auto = the bundle's own, on the fastest device present."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Inference threads per worker (default: the runtime's choice, all cores)."),
+        click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Slides classified at once (each worker holds its own model session)."),
+        click.option("--max-piece-px", type=click.IntRange(min=16), default=2048, show_default=True,
+                     help="Tissue pieces larger than this (pixels at the model's magnification) are tiled."),
+        click.option("--pixel-budget", type=click.IntRange(min=1), default=256_000_000, show_default=True,
+                     help="Refuse a slide whose tissue at the model's magnification exceeds this many pixels."),
+        click.option("--review-threshold", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+                     help="needs_review when the slide's calibrated confidence is below this."),
+        click.option("--assume-mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
+                     help="Level-0 µm/px for slides without one (applies to every slide: use with care)."),
+        click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
+                     help="Tries for a slide whose failure may be transient (read or I/O errors)."),
+        click.option("--quarantine", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Move slides that failed for good into this folder."),
+        click.option("--rebuild-engine", is_flag=True,
+                     help="TensorRT: build an engine for this GPU into the local cache when the bundle's does not match."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _setup(model: Path, out: Path, backend: str, device: str, threads: int | None, workers: int,
+           max_piece_px: int, pixel_budget: int, review_threshold: float, assume_mpp: float | None,
+           max_attempts: int, quarantine: Path | None, rebuild_engine: bool, retry_delay_s: float):
+    from lowmag.bundle import load_bundle
+    from lowmag.edge.backends import choose_backend
+    from lowmag.edge.pipeline import PipelineConfig
+    from lowmag.edge.runner import RunnerOptions
+
+    bundle = load_bundle(model)
+    choice = choose_backend(bundle, backend, device)
+    for warning in choice.warnings:
+        logger.warning(warning)
+    config = PipelineConfig(max_piece_px=max_piece_px, pixel_budget=pixel_budget,
+                            review_threshold=review_threshold, assume_mpp=assume_mpp)
+    options = RunnerOptions(workers=workers, threads=threads, max_attempts=max_attempts, retry_delay_s=retry_delay_s,
+                            quarantine=quarantine, rebuild_engine=rebuild_engine)
+    logger.info("model %s: %s, %s %s, %s classes; runtime %s", bundle.directory, bundle.spec.magnification,
+                bundle.target, bundle.precision, len(bundle.spec.classes), choice.describe())
+    return bundle, choice, config, options
+
+
+def _log_to_stderr(verbose: int) -> None:
+    """One timestamped line per slide; the root level stays as -v set it."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+
+
+def _on_signals(handler: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT: the first asks for a clean stop, a second one exits at once."""
+    state = {"count": 0}
+
+    def handle(signum: int, frame: Any) -> None:
+        state["count"] += 1
+        if state["count"] > 1:
+            logger.warning("second signal: exiting now; slides in hand are re-queued on the next start")
+            logging.shutdown()
+            os._exit(130)
+        logger.warning("%s: finishing or releasing the slides in hand, then stopping", signal.Signals(signum).name)
+        handler()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+@main.command("run")
+@click.argument("slides", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@_engine_options
+@click.option("--reprocess", is_flag=True, help="Classify again slides already done (default: skip them).")
+@click.option("--retry-delay", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Seconds before the first retry of a transient failure (doubles each time).")
+@click.pass_context
+@handle_errors
+def run_command(ctx: click.Context, slides: tuple[Path, ...], reprocess: bool, retry_delay: float,
+                **kwargs: Any) -> None:
+    """Classify SLIDES (files, DICOM folders, or folders searched for slides) once, with a progress bar.
+
+    Slides already done with the same size and mtime are skipped; failed ones are tried again.
+    Exits 1 when any slide failed (each failure is in summary.csv and `edge-classify status`).
+    """
+    from lowmag.edge.batch import run_batch
+
+    _log_to_stderr(ctx.find_root().params.get("verbose", 0))
+    bundle, choice, config, options = _setup(retry_delay_s=retry_delay, **kwargs)
+    report = run_batch(list(slides), kwargs["out"], bundle, choice, config, options, reprocess=reprocess,
+                       install_signals=_on_signals)
+    click.echo(report.summary())
+    if report.failed:
+        raise click.ClickException(f"{report.failed} of {report.total} slide(s) failed; "
+                                   f"see edge-classify status --out {kwargs['out']}")
+
+
+@main.command("watch")
+@click.argument("scans", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_engine_options
+@click.option("--poll", is_flag=True, help="Poll the folder instead of filesystem events (network shares).")
+@click.option("--poll-interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds between polls with --poll.")
+@click.option("--settle", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="A slide is complete when its size and mtime stayed the same this many seconds.")
+@click.option("--rescan-interval", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds between full rescans (catch slides whose events were missed).")
+@click.option("--retry-delay", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds before the first retry of a transient failure (doubles each time).")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="On SIGTERM, seconds to let the slides in hand finish before releasing them.")
+@click.pass_context
+@handle_errors
+def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: float, settle: float,
+                  rescan_interval: float, retry_delay: float, shutdown_timeout: float, **kwargs: Any) -> None:
+    """Classify every slide that appears under SCANS, once it is completely written, until stopped.
+
+    Stop it with SIGTERM or Ctrl-C: slides in hand finish (or go back to the queue), and a
+    restart resumes where it stopped. One watcher per --out folder.
+    """
+    from lowmag.edge.batch import open_output
+    from lowmag.edge.runner import EdgeRunner
+    from lowmag.edge.watcher import Watcher, WatchOptions
+
+    _log_to_stderr(ctx.find_root().params.get("verbose", 0))
+    out: Path = kwargs["out"]
+    if out.resolve() == scans.resolve():
+        raise click.UsageError("--out must not be the watched folder itself; use a folder beside it.")
+    bundle, choice, config, options = _setup(retry_delay_s=retry_delay, **kwargs)
+    with open_output(out, options.max_attempts) as ledger:
+        runner = EdgeRunner(out, ledger, bundle, choice, config, options)
+        exclude = [p for p in (out, options.quarantine) if p is not None]
+        watcher = Watcher(scans, runner, WatchOptions(settle_s=settle, poll=poll, poll_interval_s=poll_interval,
+                                                      rescan_interval_s=rescan_interval,
+                                                      shutdown_timeout_s=shutdown_timeout), exclude=exclude)
+        _on_signals(watcher.request_stop)
+        started = time.time()
+        watcher.run()
+        logger.info("stopped after %.0f s; %s", time.time() - started, ledger.counts())
+
+
+@main.command("status")
+@click.option("--out", "out", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The output folder of edge-classify run or watch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--failures", type=click.IntRange(min=0), default=20, show_default=True,
+              help="How many failed and queued slides to list.")
+@handle_errors
+def status_command(out: Path, as_json: bool, failures: int) -> None:
+    """Summarise the ledger: done, failed with reasons, queued, throughput; whether a watcher runs."""
+    import json
+
+    from lowmag.edge.status import format_summary, summarise
+
+    summary = summarise(out, failures)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

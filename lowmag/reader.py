@@ -19,8 +19,9 @@ How it reads (``PREPROCESSING_VERSION`` names this recipe in every model spec):
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, MutableMapping
 
 import numpy as np
 
@@ -94,13 +95,36 @@ def read_at_mpp(
     exact: bool = False,
     max_output_pixels: int | None = None,
     stripe_pixels: int = DEFAULT_STRIPE_PIXELS,
+    timings: MutableMapping[str, float] | None = None,
 ) -> np.ndarray:
     """RGB uint8 array (H, W, 3) of the slide (or a level-0 ``region``) at ``target``.
 
     ``target`` is µm/px as a number, a ``Resolution``, or a string such as ``"1.25x"``.
     ``exact=True`` resamples from level 0 instead of the nearest finer pyramid level.
     ``max_output_pixels`` refuses reads whose result would be larger (``SlideTooLargeError``).
+    ``timings``, when given, accumulates seconds spent decoding the slide (``read``) and
+    box-averaging plus Lanczos (``resample``), for the edge runner's per-stage times.
     """
+    started = time.perf_counter()
+    decode = [0.0]
+    try:
+        return _read_at_mpp(slide, target, region, exact, max_output_pixels, stripe_pixels, decode)
+    finally:
+        if timings is not None:
+            total = time.perf_counter() - started
+            timings["read"] = timings.get("read", 0.0) + decode[0]
+            timings["resample"] = timings.get("resample", 0.0) + max(0.0, total - decode[0])
+
+
+def _read_at_mpp(
+    slide: Slide,
+    target: float | Resolution | str,
+    region: Region | None,
+    exact: bool,
+    max_output_pixels: int | None,
+    stripe_pixels: int,
+    decode: list[float],
+) -> np.ndarray:
     target_mpp = resolve_target_mpp(slide, target)
     info = slide.info
     if region is None:
@@ -115,11 +139,13 @@ def read_at_mpp(
         )
 
     if not exact:
+        tick = time.perf_counter()
         verify_pyramid(slide)
+        decode[0] += time.perf_counter() - tick
     while True:
         level = info.levels[0 if exact else choose_level(slide, target_mpp)]
         try:
-            return _read_from_level(slide, level.index, region, out_w, out_h, stripe_pixels)
+            return _read_from_level(slide, level.index, region, out_w, out_h, stripe_pixels, decode)
         except SlideReadError as error:
             # Some files have pyramid levels OpenSlide cannot decode (e.g. DICOM series
             # whose edge frames are not padded to the tile size): fall back to finer levels.
@@ -129,7 +155,8 @@ def read_at_mpp(
 
 
 def _read_from_level(
-    slide: Slide, level_index: int, region: Region, out_w: int, out_h: int, stripe_pixels: int
+    slide: Slide, level_index: int, region: Region, out_w: int, out_h: int, stripe_pixels: int,
+    decode: list[float] | None = None,
 ) -> np.ndarray:
     level = slide.info.levels[level_index]
     # The region in source-level pixels (sub-pixel offsets at coarse levels are dropped).
@@ -140,7 +167,8 @@ def _read_from_level(
 
     factor = min(lw / out_w, lh / out_h)
     k = max(1, int(factor // 2))
-    shrunk = _read_box_shrunk(slide, level_index, lx, ly, lw, lh, k, stripe_pixels)
+    decode = decode if decode is not None else [0.0]
+    shrunk = _read_box_shrunk(slide, level_index, lx, ly, lw, lh, k, stripe_pixels, decode)
     return _lanczos_to(shrunk, out_w, out_h)
 
 
@@ -215,11 +243,19 @@ def _stripes(height: int, width: int, k: int, stripe_pixels: int) -> Iterator[tu
 
 
 def _read_box_shrunk(
-    slide: Slide, level: int, lx: int, ly: int, lw: int, lh: int, k: int, stripe_pixels: int
+    slide: Slide, level: int, lx: int, ly: int, lw: int, lh: int, k: int, stripe_pixels: int, decode: list[float]
 ) -> np.ndarray:
     """Read a level region stripe by stripe, box-averaging each k x k block."""
+
+    def read(x: int, y: int, w: int, h: int) -> np.ndarray:
+        tick = time.perf_counter()
+        try:
+            return slide.read_region(level, x, y, w, h)
+        finally:
+            decode[0] += time.perf_counter() - tick
+
     if k == 1:
-        parts = [slide.read_region(level, lx, ly + top, lw, rows) for top, rows in _stripes(lh, lw, 1, stripe_pixels)]
+        parts = [read(lx, ly + top, lw, rows) for top, rows in _stripes(lh, lw, 1, stripe_pixels)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     out_w = lw // k
     parts = []
@@ -227,7 +263,7 @@ def _read_box_shrunk(
         usable = (rows // k) * k
         if usable == 0:
             continue
-        block = slide.read_region(level, lx, ly + top, out_w * k, usable)
+        block = read(lx, ly + top, out_w * k, usable)
         shrunk = block.reshape(usable // k, k, out_w, k, 3).mean(axis=(1, 3), dtype=np.float32)
         parts.append(np.clip(np.rint(shrunk), 0, 255).astype(np.uint8))
     # k <= factor / 2 <= lh / 2, so the first stripe always holds at least one block row.

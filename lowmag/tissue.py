@@ -116,6 +116,14 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams
 
 def locate_tissue(slide: Slide, params: TissueParams = TissueParams()) -> list[TissueBox]:
     """Bounding boxes of the tissue pieces, top to bottom then left to right."""
+    return locate_tissue_and_overview(slide, params)[0]
+
+
+def locate_tissue_and_overview(slide: Slide, params: TissueParams = TissueParams()) -> tuple[list[TissueBox], np.ndarray]:
+    """The tissue boxes and the low-resolution image of the whole slide they were found on.
+
+    The edge runner draws its thumbnail on that image instead of reading the slide again.
+    """
     import pyvips
 
     info = slide.info
@@ -123,7 +131,7 @@ def locate_tissue(slide: Slide, params: TissueParams = TissueParams()) -> list[T
     rgb = read_at_mpp(slide, mpp)
     mask = tissue_mask(rgb, mpp, params)
     if not mask.any():
-        return []
+        return [], rgb
     labels = pyvips.Image.new_from_array(mask.astype(np.uint8)).labelregions().numpy()
     labels = labels.reshape(mask.shape)
     ys, xs = np.nonzero(mask)
@@ -160,7 +168,7 @@ def locate_tissue(slide: Slide, params: TissueParams = TissueParams()) -> list[T
         y1 = min(info.height, int(math.ceil((y_max[i] + 1) * sy + pad_y)))
         boxes.append(TissueBox(x0, y0, x1 - x0, y1 - y0, info.mpp_x, info.mpp_y, area_um2))
     boxes.sort(key=lambda b: (b.y, b.x))
-    return boxes
+    return boxes, rgb
 
 
 def _gradient(rgb: np.ndarray) -> np.ndarray:

@@ -23,10 +23,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _cuda_available() -> bool:
+    """A CUDA GPU usable from here: through torch on training hosts, else (edge
+    workstations install no torch) through TensorRT with cuda-python."""
     try:
         import torch  # imported only when a gpu test was collected
     except ImportError:
-        return False
+        from lowmag.tensorrt_runtime import tensorrt_runtime_available
+
+        return tensorrt_runtime_available()
     return bool(torch.cuda.is_available())
 
 

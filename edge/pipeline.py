@@ -1,0 +1,285 @@
+"""Classify one slide: open, find its tissue, read each piece at the bundle's µm/px, run it.
+
+The steps, each timed (milliseconds in every result):
+
+1. ``hash``: sha256 of the slide's files (identifies the content in the results).
+2. ``open``: ``open_slide`` (core); a slide scanned coarser than the model's µm/px is
+   refused: upsampling would invent detail the student never saw.
+3. ``tissue``: ``locate_tissue`` (core), on a low-resolution read of the whole slide.
+4. ``read`` / ``resample``: ``read_at_mpp`` (core) of each tissue box from the pyramid,
+   split into decoding the slide's pixels and box-averaging plus Lanczos.
+5. ``inference``: each piece runs at its own size, as the students were trained. A piece
+   larger than ``max_piece_px`` on a side at the model's µm/px is cut into a grid of
+   near-equal tiles, read one at a time (memory stays bounded); its probabilities are
+   the mean of its tiles' weighted by their tissue fraction (tiles with less than
+   ``min_tile_tissue`` are skipped). Pieces smaller than 16 px (the smallest input
+   export-student traces) are padded with the slide's background colour.
+
+The slide's result (the documented rule, ``SLIDE_RULE``): the mean of the pieces'
+calibrated probabilities (softmax of logits / the bundle's temperature) weighted by each
+piece's tissue area; its label is the most probable class and its confidence that
+probability. ``needs_review`` is set when the confidence is below ``review_threshold``.
+Before anything is read, the tissue's total size at the model's µm/px is checked against
+``pixel_budget``; a slide over it is refused with ``SlideTooLargeError``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from lowmag.bundle import Bundle
+from lowmag.errors import LowmagError, SlideError, SlideTooLargeError
+from lowmag.io import sha256_file
+from lowmag.reader import Region, output_size, read_at_mpp
+from lowmag.runtimes import Session, logits_of, softmax
+from lowmag.slide import Slide, SlideInfo, open_slide
+from lowmag.tissue import TissueBox, TissueParams, locate_tissue_and_overview
+
+#: The smallest side export-student traces graphs for (export.onnx_graph.MIN_SIDE).
+MIN_INPUT_SIDE = 16
+SLIDE_RULE = "tissue-area-weighted mean of the pieces' calibrated probabilities"
+STAGES = ("hash", "open", "tissue", "read", "resample", "inference", "write")
+
+
+class NoTissueError(SlideError):
+    """The slide shows no tissue the localiser accepts (blank glass, a label, a test pattern)."""
+
+
+class ResolutionTooCoarseError(SlideError):
+    """The slide's finest level is coarser than the model's µm/px."""
+
+
+class SlideInterrupted(LowmagError):
+    """Shutdown was asked for while a slide was in hand; it goes back to the queue."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Knobs of the per-slide pipeline (``edge-classify`` options of the same names)."""
+
+    max_piece_px: int = 2048
+    pixel_budget: int = 256_000_000
+    review_threshold: float = 0.6
+    min_tile_tissue: float = 0.05
+    #: The thumbnail is the tissue localiser's overview (at most 2048 px), shrunk to this.
+    thumbnail_px: int = 1024
+    assume_mpp: float | None = None
+    tissue: TissueParams = field(default_factory=TissueParams)
+
+    def __post_init__(self) -> None:
+        if self.max_piece_px < MIN_INPUT_SIDE:
+            raise LowmagError(f"max_piece_px must be at least {MIN_INPUT_SIDE}, got {self.max_piece_px}")
+        if not 0.0 <= self.review_threshold <= 1.0:
+            raise LowmagError(f"review_threshold must be within 0-1, got {self.review_threshold}")
+        if self.pixel_budget <= 0:
+            raise LowmagError(f"pixel_budget must be positive, got {self.pixel_budget}")
+
+
+class Timer:
+    """Accumulates seconds per stage; ``ms()`` reports them in milliseconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {stage: 0.0 for stage in STAGES}
+        self.started = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - tick
+
+    def ms(self) -> dict[str, float]:
+        out = {name: round(value * 1000.0, 1) for name, value in self.seconds.items()}
+        out["total"] = round((time.perf_counter() - self.started) * 1000.0, 1)
+        return out
+
+
+@dataclass(frozen=True)
+class PieceResult:
+    """One tissue piece: its box, the size it ran at, its tiles and its probabilities."""
+
+    box: TissueBox
+    input_px: tuple[int, int]
+    tiles: int
+    probabilities: np.ndarray
+
+
+@dataclass
+class SlideClassification:
+    """Everything the outputs are written from."""
+
+    path: Path
+    info: SlideInfo
+    sha256: str
+    size_bytes: int
+    files: int
+    pieces: list[PieceResult]
+    probabilities: np.ndarray
+    needs_review: bool
+    timer: Timer
+    thumbnail: np.ndarray
+    classes: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return self.classes[int(np.argmax(self.probabilities))]
+
+    @property
+    def confidence(self) -> float:
+        return float(np.max(self.probabilities))
+
+
+def content_hash(files: Sequence[Path]) -> tuple[str, int]:
+    """sha256 of one file, or of 'name  sha256' lines for a multi-file slide; and total bytes."""
+    import hashlib
+
+    if len(files) == 1:
+        return sha256_file(files[0]), files[0].stat().st_size
+    digest = hashlib.sha256()
+    size = 0
+    for path in files:
+        digest.update(f"{path.name}  {sha256_file(path)}\n".encode())
+        size += path.stat().st_size
+    return digest.hexdigest(), size
+
+
+def tile_regions(box: TissueBox, size_px: tuple[int, int], max_piece_px: int) -> list[Region]:
+    """A near-equal grid of level-0 regions covering ``box``, each at most ``max_piece_px``."""
+    nx = max(1, math.ceil(size_px[0] / max_piece_px))
+    ny = max(1, math.ceil(size_px[1] / max_piece_px))
+    xs = [box.x + round(i * box.width / nx) for i in range(nx + 1)]
+    ys = [box.y + round(j * box.height / ny) for j in range(ny + 1)]
+    return [Region(xs[i], ys[j], xs[i + 1] - xs[i], ys[j + 1] - ys[j]) for j in range(ny) for i in range(nx)]
+
+
+def tissue_fraction(rgb: np.ndarray, min_saturation: float) -> float:
+    """Share of pixels coloured enough to be stained tissue (the localiser's floor)."""
+    pixels = rgb.astype(np.float32)
+    high = pixels.max(axis=2)
+    saturation = (high - pixels.min(axis=2)) / np.maximum(high, 1.0)
+    return float((saturation > min_saturation).mean())
+
+
+def shrink_to(rgb: np.ndarray, longest_side: int) -> np.ndarray:
+    """``rgb`` reduced (never enlarged) so its longest side is at most ``longest_side``."""
+    import pyvips
+
+    scale = longest_side / max(rgb.shape[:2])
+    if scale >= 1.0:
+        return rgb
+    image = pyvips.Image.new_from_array(np.ascontiguousarray(rgb), interpretation="srgb").resize(scale)
+    return np.ascontiguousarray(image.numpy())
+
+
+def pad_to_min_side(rgb: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    if h >= MIN_INPUT_SIDE and w >= MIN_INPUT_SIDE:
+        return rgb
+    out = np.empty((max(h, MIN_INPUT_SIDE), max(w, MIN_INPUT_SIDE), 3), np.uint8)
+    out[:] = np.asarray(background, np.uint8)
+    out[:h, :w] = rgb
+    return out
+
+
+class SlideClassifier:
+    """Runs the pipeline for one bundle with one session (one per worker thread)."""
+
+    def __init__(self, bundle: Bundle, session: Session, config: PipelineConfig = PipelineConfig()) -> None:
+        self.bundle = bundle
+        self.session = session
+        self.config = config
+        self.classes = tuple(bundle.spec.classes)
+        self.target_mpp = float(bundle.spec.target_mpp)
+        self.temperature = float(bundle.spec.temperature)
+
+    def classify(self, path: Path, files: Sequence[Path] | None = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> SlideClassification:
+        """Classify the slide at ``path`` (``files``: what it consists of, for the hash)."""
+        timer = Timer()
+        config = self.config
+        with timer.stage("hash"):
+            files = list(files) if files else ([path] if path.is_file() else sorted(path.iterdir()))
+            sha256, size = content_hash(files)
+        with timer.stage("open"):
+            slide = open_slide(path, assume_mpp=config.assume_mpp)
+        with slide:
+            info = slide.info
+            self._check_resolution(info)
+            with timer.stage("tissue"):
+                boxes, overview = locate_tissue_and_overview(slide, config.tissue)
+            if not boxes:
+                raise NoTissueError(path, "no tissue found on the slide (blank glass, pen marks or a test pattern).",
+                                    "check the scan; tune the tissue options if this slide does hold tissue.")
+            sizes = [output_size(slide, self.target_mpp, box.region) for box in boxes]
+            total = sum(w * h for w, h in sizes)
+            if total > config.pixel_budget:
+                raise SlideTooLargeError(
+                    path, f"its tissue at {self.target_mpp:g} µm/px is {total:,} pixels, more than the budget of "
+                    f"{config.pixel_budget:,}.", "raise --pixel-budget (memory and time grow with it) or use a "
+                    "lower-magnification model.")
+            pieces = [self._classify_piece(slide, box, size_px, timer, should_stop)
+                      for box, size_px in zip(boxes, sizes)]
+        with timer.stage("write"):
+            thumbnail = shrink_to(overview, config.thumbnail_px)
+        weights = np.array([max(piece.box.tissue_area_um2, 1e-9) for piece in pieces])
+        probabilities = (np.stack([p.probabilities for p in pieces]) * weights[:, None]).sum(0) / weights.sum()
+        return SlideClassification(
+            path=path, info=info, sha256=sha256, size_bytes=size, files=len(files), pieces=pieces,
+            probabilities=probabilities, needs_review=bool(probabilities.max() < config.review_threshold),
+            timer=timer, thumbnail=thumbnail, classes=self.classes,
+        )
+
+    def _check_resolution(self, info: SlideInfo) -> None:
+        if info.mpp > self.target_mpp * 1.01:
+            raise ResolutionTooCoarseError(
+                info.path, f"scanned at {info.mpp:.3g} µm/px, coarser than the model's {self.target_mpp:g} µm/px "
+                f"({self.bundle.spec.magnification}).", "rescan at a higher magnification or use a student for a "
+                "lower magnification.")
+
+    def _classify_piece(self, slide: Slide, box: TissueBox, size_px: tuple[int, int], timer: Timer,
+                        should_stop: Callable[[], bool]) -> PieceResult:
+        regions = tile_regions(box, size_px, self.config.max_piece_px)
+        probabilities, weights = [], []
+        emptiest: tuple[float, np.ndarray] | None = None  # the best of the near-blank tiles
+        for region in regions:
+            if should_stop():
+                raise SlideInterrupted(f"{slide.info.path}: interrupted by shutdown; the slide goes back to the queue")
+            rgb = _read(slide, self.target_mpp, region, timer, self.config.pixel_budget)
+            weight = tissue_fraction(rgb, self.config.tissue.min_saturation) if len(regions) > 1 else 1.0
+            if weight < self.config.min_tile_tissue:
+                if emptiest is None or weight > emptiest[0]:
+                    emptiest = (weight, rgb)
+                continue
+            probabilities.append(self._run(rgb, slide, timer))
+            weights.append(weight)
+        if not probabilities and emptiest is not None:  # every tile near-blank: the piece rests on its best one
+            probabilities.append(self._run(emptiest[1], slide, timer))
+            weights.append(1.0)
+        w = np.asarray(weights, np.float64)
+        merged = (np.stack(probabilities) * w[:, None]).sum(0) / w.sum()
+        return PieceResult(box=box, input_px=size_px, tiles=len(regions), probabilities=merged)
+
+    def _run(self, rgb: np.ndarray, slide: Slide, timer: Timer) -> np.ndarray:
+        with timer.stage("inference"):
+            logits = logits_of(self.session, [pad_to_min_side(rgb, slide.info.background)], batch_size=1)
+        return softmax(logits[0], self.temperature)
+
+
+def _read(slide: Slide, mpp: float, region: Region | None, timer: Timer,
+          max_output_pixels: int | None = None) -> np.ndarray:
+    """``read_at_mpp`` with its decode and resample seconds added to ``timer``."""
+    seconds: dict[str, float] = {}
+    try:
+        return read_at_mpp(slide, mpp, region, max_output_pixels=max_output_pixels, timings=seconds)
+    finally:
+        for stage, value in seconds.items():
+            timer.seconds[stage] = timer.seconds.get(stage, 0.0) + value

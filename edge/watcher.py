@@ -1,0 +1,175 @@
+"""Watch a scanner's output folder and classify each slide once it is complete.
+
+Three ways to notice a slide, so none is missed:
+
+- filesystem events through watchdog (inotify on Linux), or ``--poll`` (watchdog's
+  polling observer) for network shares where inotify sees nothing;
+- a full rescan at start and every ``rescan_interval_s``, which also catches what an
+  overflowed event queue dropped.
+
+A noticed slide becomes a *candidate*; it is queued in the ledger once its signature
+(size and mtime of all its files) has not changed for ``settle_s``. Slides the ledger
+already has with the same size and mtime are not queued again; a changed one is (same-name
+replacement). Only the main thread touches candidates and claims work; workers classify.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from lowmag.edge.ledger import Ledger
+from lowmag.edge.runner import Dispatcher, EdgeRunner
+from lowmag.edge.scan import Signature, SlideUnit, find_units, mtime_of, size_of, unit_for
+from lowmag.edge.results import remove_outputs
+
+logger = logging.getLogger("lowmag.edge")
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    settle_s: float = 10.0
+    poll: bool = False
+    poll_interval_s: float = 5.0
+    rescan_interval_s: float = 300.0
+    shutdown_timeout_s: float = 60.0
+    tick_s: float = 0.25
+
+
+@dataclass
+class _Candidate:
+    unit: SlideUnit
+    signature: Signature | None
+    changed_at: float
+
+
+def enqueue_unit(ledger: Ledger, out: Path, unit: SlideUnit, signature: Signature) -> str:
+    """Record a complete slide in the ledger; a replaced file loses its stale outputs."""
+    status = ledger.enqueue(unit.path, unit.relative, unit.kind, size_of(signature), mtime_of(signature))
+    if status == "replaced":
+        remove_outputs(out, unit.relative)
+        logger.info("queued %s again: the file was replaced (size or mtime changed)", unit.path)
+    elif status == "new":
+        logger.debug("queued %s", unit.path)
+    return status
+
+
+class Watcher:
+    """The watch loop: events and rescans -> candidates -> ledger -> workers."""
+
+    def __init__(self, root: Path, runner: EdgeRunner, options: WatchOptions = WatchOptions(),
+                 exclude: Iterable[Path] = ()) -> None:
+        self.root = Path(root)
+        self.runner = runner
+        self.options = options
+        self.exclude = [Path(p) for p in exclude]
+        self.candidates: dict[Path, _Candidate] = {}
+        self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        self.stop = threading.Event()
+        self.dispatcher = Dispatcher(runner)
+
+    # -- noticing slides --------------------------------------------------------------
+    def _notice(self, unit: SlideUnit) -> None:
+        if unit.path not in self.candidates:
+            self.candidates[unit.path] = _Candidate(unit, None, time.monotonic())
+
+    def rescan(self) -> int:
+        """Make a candidate of every slide under root the ledger does not have as it is now."""
+        found = 0
+        for unit in find_units(self.root, self.exclude):
+            signature = unit.signature()
+            if signature and self.runner.ledger.unchanged(unit.path, size_of(signature), mtime_of(signature)):
+                continue
+            self._notice(unit)
+            found += 1
+        return found
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                path = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if path.is_dir() and not path.is_symlink():
+                for unit in find_units(self.root, self.exclude, under=path):
+                    self._notice(unit)
+                continue
+            unit = unit_for(path, self.root, self.exclude)
+            if unit is not None:
+                self._notice(unit)
+
+    def _settle(self) -> None:
+        now = time.monotonic()
+        for path, candidate in list(self.candidates.items()):
+            signature = candidate.unit.signature()
+            if signature is None:
+                if not candidate.unit.path.exists():
+                    del self.candidates[path]  # gone (moved away or renamed)
+                continue
+            if signature != candidate.signature:
+                candidate.signature = signature
+                candidate.changed_at = now
+                continue
+            if now - candidate.changed_at >= self.options.settle_s:
+                enqueue_unit(self.runner.ledger, self.runner.out, candidate.unit, signature)
+                del self.candidates[path]
+
+    # -- the loop -------------------------------------------------------------------
+    def _observer(self):
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        events = self.events
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:  # noqa: D401 - watchdog's callback
+                if event.event_type in ("opened", "closed_no_write"):
+                    return
+                for attr in ("src_path", "dest_path"):
+                    value = getattr(event, attr, "")
+                    if value:
+                        events.put(Path(value.decode() if isinstance(value, bytes) else value))
+
+        observer = PollingObserver(timeout=self.options.poll_interval_s) if self.options.poll else Observer()
+        observer.schedule(Handler(), str(self.root), recursive=True)
+        return observer
+
+    def request_stop(self) -> None:
+        self.stop.set()
+
+    def run(self) -> None:
+        """Watch until ``request_stop``; then finish or release the slides in hand."""
+        observer = self._observer()
+        observer.start()
+        mode = f"polling every {self.options.poll_interval_s:g} s" if self.options.poll else "filesystem events"
+        logger.info("watching %s (%s, full rescan every %g s, settle %g s, %d worker(s))", self.root, mode,
+                    self.options.rescan_interval_s, self.options.settle_s, self.runner.options.workers)
+        next_rescan = 0.0
+        try:
+            while not self.stop.is_set():
+                if time.monotonic() >= next_rescan:
+                    found = self.rescan()
+                    if found:
+                        logger.info("rescan of %s: %d slide(s) to check", self.root, found)
+                    next_rescan = time.monotonic() + self.options.rescan_interval_s
+                self._drain_events()
+                self._settle()
+                self.dispatcher.fill()
+                self.stop.wait(self.options.tick_s)
+        finally:
+            observer.stop()
+            stuck = self.dispatcher.shutdown(self.options.shutdown_timeout_s)
+            for job in stuck:
+                logger.warning("released %s unfinished after %g s; it will be classified on the next start",
+                               job.path, self.options.shutdown_timeout_s)
+            try:
+                observer.join(timeout=5)
+            except RuntimeError:
+                pass
+

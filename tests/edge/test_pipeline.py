@@ -1,0 +1,95 @@
+"""The per-slide pipeline with real runtimes on real pyramidal TIFFs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lowmag.bundle import load_bundle
+from lowmag.edge.backends import choose_backend, open_session
+from lowmag.edge.pipeline import (
+    STAGES, NoTissueError, PipelineConfig, ResolutionTooCoarseError, SlideClassifier, tile_regions,
+)
+from lowmag.errors import SlideTooLargeError
+from lowmag.synthetic import Blob
+from lowmag.tissue import TissueBox
+
+
+def classifier(bundle_dir, **config) -> SlideClassifier:
+    bundle = load_bundle(bundle_dir)
+    session = open_session(bundle, choose_backend(bundle), threads=1)
+    return SlideClassifier(bundle, session, PipelineConfig(**config))
+
+
+def test_a_slide_is_classified_piece_by_piece_with_calibrated_probabilities(onnx_bundle, slide_factory):
+    path = slide_factory("two.tif", 1024, 768, blobs=(Blob(300, 380, 200, 250), Blob(800, 300, 160, 160)))
+    result = classifier(onnx_bundle).classify(path)
+    assert len(result.pieces) == 2
+    assert result.label == "pink"
+    for piece in result.pieces:
+        assert piece.probabilities.sum() == pytest.approx(1.0)
+        assert piece.tiles == 1
+        # 0.5 µm/px slide read at the bundle's 2 µm/px: a quarter of the box on each side
+        assert piece.input_px[0] == pytest.approx(piece.box.width / 4, abs=1)
+    # The slide's probabilities are the tissue-area-weighted mean of the pieces'.
+    areas = np.array([p.box.tissue_area_um2 for p in result.pieces])
+    expected = (np.stack([p.probabilities for p in result.pieces]) * areas[:, None]).sum(0) / areas.sum()
+    np.testing.assert_allclose(result.probabilities, expected)
+    # Temperature 2 makes the model less sure than its raw logits say.
+    raw = classifier(onnx_bundle).session.run(np.full((1, 16, 16, 3), (222, 140, 185), np.uint8))["logits"][0]
+    assert result.confidence < np.exp(raw.max()) / np.exp(raw).sum()
+    timings = result.timer.ms()
+    assert set(STAGES) <= set(timings) and timings["total"] >= timings["inference"] > 0
+    assert timings["read"] > 0 and timings["tissue"] > 0
+
+
+def test_large_pieces_are_tiled_and_agree_with_the_whole_piece(onnx_bundle, slide_factory):
+    path = slide_factory("big-piece.tif", 1600, 1200, blobs=(Blob(800, 600, 700, 520),))
+    whole = classifier(onnx_bundle).classify(path)
+    tiled = classifier(onnx_bundle, max_piece_px=128).classify(path)
+    assert whole.pieces[0].tiles == 1
+    assert tiled.pieces[0].tiles == 9  # 350 x 260 px at 2 µm/px: a 3 x 3 grid of tiles under 128 px
+    assert tiled.label == whole.label
+    assert abs(tiled.confidence - whole.confidence) < 0.1
+
+
+def test_tile_grid_covers_the_box_exactly():
+    box = TissueBox(10, 20, 1001, 503, 0.5, 0.5, 1.0)
+    regions = tile_regions(box, (250, 126), 100)
+    assert len(regions) == 3 * 2
+    assert sum(r.width * r.height for r in regions) == 1001 * 503
+    assert min(r.x for r in regions) == 10 and max(r.x + r.width for r in regions) == 1011
+
+
+def test_pieces_smaller_than_the_graph_minimum_are_padded(tmp_path, slide_factory):
+    from tests.models import make_bundle
+
+    bundle = make_bundle(tmp_path / "b", target_mpp=16.0)  # 0.625x: a 170 µm box is 11 px
+    path = slide_factory("speck.tif", 1024, 1024, blobs=(Blob(512, 512, 140, 140),))
+    result = classifier(bundle).classify(path)
+    assert result.pieces and max(result.pieces[0].input_px) < 16  # the graph refuses < 16 px unpadded
+    assert result.probabilities.sum() == pytest.approx(1.0)
+
+
+def test_refusals_name_the_slide_and_the_fix(onnx_bundle, slide_factory, tmp_path):
+    from lowmag.synthetic import make_synthetic_slide
+
+    path = slide_factory("budget.tif", 1024, 768)
+    with pytest.raises(SlideTooLargeError, match="pixel-budget") as error:
+        classifier(onnx_bundle, pixel_budget=1000).classify(path)
+    assert str(path) in str(error.value)
+
+    blank = make_synthetic_slide(tmp_path / "blank.tif", 512, 512, mpp=0.5, blobs=[])
+    with pytest.raises(NoTissueError, match="no tissue"):
+        classifier(onnx_bundle).classify(blank)
+
+    coarse = make_synthetic_slide(tmp_path / "coarse.tif", 512, 512, mpp=4.0)
+    with pytest.raises(ResolutionTooCoarseError, match="coarser than the model"):
+        classifier(onnx_bundle).classify(coarse)
+
+
+def test_openvino_and_onnx_runtime_agree(onnx_bundle, openvino_bundle, slide_factory):
+    path = slide_factory("two.tif", 1024, 768, blobs=(Blob(300, 380, 200, 250), Blob(800, 300, 160, 160)))
+    a = classifier(onnx_bundle).classify(path)
+    b = classifier(openvino_bundle).classify(path)
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-3)  # float sums in another order
