@@ -65,7 +65,30 @@ rm -rf "$OUT/splits" "$OUT/bundle-onnx-int8"
   --eval-images "$OUT/splits/test" --val-images "$OUT/splits/val" --mpp 1.0
 "$BIN/export-student" verify "$OUT/bundle-onnx-int8"
 
+step "The main job: edge-classify watching a scan folder that a scanner fills"
+rm -rf "$OUT/scans" "$OUT/edge"
+mkdir -p "$OUT/scans"
+"$BIN/python" - "$OUT/synthetic-two-pieces.tif" <<'PY'
+import sys
+from lowmag.synthetic import make_synthetic_slide
+make_synthetic_slide(sys.argv[1], 4096, 3072, mpp=0.5, seed=3)
+PY
+"$BIN/edge-classify" watch "$OUT/scans" --model "$OUT/bundle-onnx-int8" --out "$OUT/edge" \
+  --settle 2 --rescan-interval 60 > "$OUT/watch.log" 2>&1 &
+WATCHER=$!
+trap 'kill $WATCHER 2>/dev/null || true' EXIT
+"$BIN/python" demo/scanner.py "$OUT/scans" "$OUT/edge" "$SLIDE" "$OUT/pyramid.tif" \
+  "$OUT/synthetic-two-pieces.tif" "$OUT/no-pixel-size.tif"
+kill -TERM "$WATCHER"
+wait "$WATCHER"
+trap - EXIT
+echo
+echo "The watcher's log (one line per slide; it stopped cleanly on SIGTERM):"
+grep -E " (done|failed|released|WARNING) " "$OUT/watch.log" | sed 's/^/  /'
+echo
+"$BIN/edge-classify" status --out "$OUT/edge"
+
 step "Done"
 echo "Outputs in $OUT/: slide-<mag>.png, tissue-boxes.png, tissue.json, run/ (checkpoints and report/),"
-echo "bundle-onnx-int8/ (model.int8.onnx + lowmag.json with the gate results)."
-echo "The slide watcher arrives with edge-classify."
+echo "bundle-onnx-int8/ (model.int8.onnx + lowmag.json with the gate results),"
+echo "scans/ (what the scanner wrote) and edge/ (results/ per slide, summary.csv, ledger.sqlite, watch.log beside it)."

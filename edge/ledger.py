@@ -93,9 +93,15 @@ class Ledger:
         with self._lock:
             self.db.close()
 
-    def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        """Rows of a SELECT, fetched while the connection is held (threads share it)."""
         with self._lock:
-            return self.db.execute(sql, args)
+            return self.db.execute(sql, args).fetchall()
+
+    def _write(self, sql: str, args: tuple = ()) -> int:
+        """Run one change (its own transaction); returns the number of rows changed."""
+        with self._lock:
+            return self.db.execute(sql, args).rowcount
 
     # -- discovery ----------------------------------------------------------------
     def enqueue(self, path: Path, relative: str, kind: str, size: int, mtime_ns: int) -> str:
@@ -121,16 +127,17 @@ class Ledger:
 
     def unchanged(self, path: Path, size: int, mtime_ns: int) -> bool:
         """True when the ledger has this path with this size and mtime (nothing new to do)."""
-        row = self._execute("SELECT size, mtime_ns, quarantined_to FROM slides WHERE path = ?", (str(path),)).fetchone()
+        rows = self._query("SELECT size, mtime_ns, quarantined_to FROM slides WHERE path = ?", (str(path),))
+        row = rows[0] if rows else None
         return row is not None and row["size"] == size and row["mtime_ns"] == mtime_ns and not row["quarantined_to"]
 
     def requeue(self, path: Path, states: tuple[str, ...] = ("failed",)) -> bool:
         """Queue a slide again (``edge-classify run`` retries failures; ``--reprocess`` redoes all)."""
         marks = ",".join("?" * len(states))
-        cursor = self._execute(
+        changed = self._write(
             f"UPDATE slides SET state = 'queued', attempts = 0, error = NULL, error_kind = NULL, retry_after = NULL, "
             f"queued_at = ? WHERE path = ? AND state IN ({marks})", (time.time(), str(path), *states))
-        return cursor.rowcount > 0
+        return changed > 0
 
     # -- processing -----------------------------------------------------------------
     def recover(self, max_attempts: int) -> tuple[int, int]:
@@ -167,45 +174,44 @@ class Ledger:
 
     def release(self, job: Job) -> None:
         """Give a slide back to the queue without counting the attempt (clean shutdown)."""
-        self._execute("UPDATE slides SET state = 'queued', attempts = MAX(0, attempts - 1), started_at = NULL "
+        self._write("UPDATE slides SET state = 'queued', attempts = MAX(0, attempts - 1), started_at = NULL "
                       "WHERE id = ? AND version = ? AND state = 'processing'", (job.id, job.version))
 
     def done(self, job: Job, sha256: str, label: str, confidence: float, needs_review: bool, ms: float,
              result: str) -> bool:
         """Record a result; False when the slide was replaced meanwhile (the result is stale)."""
-        cursor = self._execute(
+        changed = self._write(
             "UPDATE slides SET state = 'done', sha256 = ?, label = ?, confidence = ?, needs_review = ?, ms = ?, "
             "result = ?, finished_at = ?, error = NULL, error_kind = NULL WHERE id = ? AND version = ?",
             (sha256, label, confidence, int(needs_review), ms, result, time.time(), job.id, job.version))
-        return cursor.rowcount > 0
+        return changed > 0
 
     def failed(self, job: Job, error: str, kind: str, retry_in: float | None, sha256: str | None = None) -> None:
         """Record a failure; with ``retry_in`` seconds the slide is queued again after that delay."""
         now = time.time()
         if retry_in is not None:
-            self._execute("UPDATE slides SET state = 'queued', error = ?, error_kind = ?, retry_after = ?, "
+            self._write("UPDATE slides SET state = 'queued', error = ?, error_kind = ?, retry_after = ?, "
                           "queued_at = ?, sha256 = COALESCE(?, sha256) WHERE id = ? AND version = ?",
                           (error, kind, now + retry_in, now, sha256, job.id, job.version))
         else:
-            self._execute("UPDATE slides SET state = 'failed', error = ?, error_kind = ?, finished_at = ?, "
+            self._write("UPDATE slides SET state = 'failed', error = ?, error_kind = ?, finished_at = ?, "
                           "sha256 = COALESCE(?, sha256) WHERE id = ? AND version = ?",
                           (error, kind, now, sha256, job.id, job.version))
 
     def quarantined(self, job: Job, destination: Path) -> None:
-        self._execute("UPDATE slides SET quarantined_to = ? WHERE id = ?", (str(destination), job.id))
+        self._write("UPDATE slides SET quarantined_to = ? WHERE id = ?", (str(destination), job.id))
 
     # -- reporting ------------------------------------------------------------------
     def rows(self, state: str | None = None) -> Iterator[sqlite3.Row]:
         if state is None:
-            yield from self._execute("SELECT * FROM slides ORDER BY id").fetchall()
+            yield from self._query("SELECT * FROM slides ORDER BY id")
         else:
-            yield from self._execute("SELECT * FROM slides WHERE state = ? ORDER BY id", (state,)).fetchall()
+            yield from self._query("SELECT * FROM slides WHERE state = ? ORDER BY id", (state,))
 
     def counts(self) -> dict[str, int]:
-        found = dict(self._execute("SELECT state, COUNT(*) FROM slides GROUP BY state").fetchall())
+        found = {row[0]: row[1] for row in self._query("SELECT state, COUNT(*) FROM slides GROUP BY state")}
         return {state: int(found.get(state, 0)) for state in STATES}
 
     def pending(self) -> int:
         """Slides queued or in hand."""
-        return int(self._execute("SELECT COUNT(*) FROM slides WHERE state IN ('queued', 'processing')")
-                   .fetchone()[0])
+        return int(self._query("SELECT COUNT(*) FROM slides WHERE state IN ('queued', 'processing')")[0][0])

@@ -24,6 +24,7 @@ from lowmag.edge.backends import BackendChoice, open_session
 from lowmag.edge.ledger import Job, Ledger
 from lowmag.edge.pipeline import PipelineConfig, SlideClassifier, SlideInterrupted
 from lowmag.edge.results import CSV_NAME, append_csv, csv_row, output_paths, write_slide_outputs
+from lowmag.edge.scan import SlideUnit
 from lowmag.errors import (
     ImplausibleMppError, LowmagError, MissingMppError, SlideError, SlideReadError, SlideTooLargeError,
     UnsupportedSlideError,
@@ -96,8 +97,6 @@ class EdgeRunner:
         started = time.perf_counter()
         sha256 = None
         try:
-            from lowmag.edge.scan import SlideUnit
-
             unit = SlideUnit(job.path, job.kind, job.path.parent)
             if not job.path.exists():
                 raise UnsupportedSlideError(job.path, "the file disappeared before it could be read.",
@@ -157,9 +156,11 @@ class EdgeRunner:
         moves = [(job.path, destination)]
         if job.kind == "mrxs" and job.path.with_suffix("").is_dir():
             moves.append((job.path.with_suffix(""), destination.with_suffix("")))
+        elif job.kind == "dicom-folder":  # only the series' instances: other files there are not this slide
+            moves = [(f, destination / f.name) for f in SlideUnit(job.path, job.kind, job.path.parent).files()]
         try:
-            destination.parent.mkdir(parents=True, exist_ok=True)
             for source, target in moves:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(source), str(target))
         except OSError as error:
             logger.error("could not move %s to quarantine %s: %s", job.path, destination, error)

@@ -9,8 +9,9 @@ A *slide unit* is what one slide occupies on disk:
 
 Names a scanner or a copy tool uses while writing are never slides: dot-files and
 dot-folders, ``~`` backups, ``.tmp``, ``.part``, ``.filepart``, ``.crdownload``,
-``.partial``. Symlinks are followed only when they resolve inside the watched folder;
-nothing is ever executed or imported from it. A unit is complete when its *signature*
+``.partial``. Symlinked files are followed only when they resolve inside the watched
+folder; symlinked folders are never walked (a slide must not be found twice, nor a
+loop followed). Nothing is ever executed or imported from the folder. A unit is complete when its *signature*
 (the size and mtime of every file in it) has not changed for a settle time.
 """
 
@@ -64,7 +65,11 @@ class SlideUnit:
     def signature(self) -> Signature | None:
         """Sizes and mtimes of its files; None while it has none (e.g. mid-rename)."""
         entries = []
-        for path in self.files():
+        try:
+            files = self.files()
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # its folder went away (moved to the quarantine, renamed)
+        for path in files:
             try:
                 stat = path.stat()
             except FileNotFoundError:
@@ -91,7 +96,7 @@ def _inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())
         return True
-    except (ValueError, OSError):
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
         return False
 
 
@@ -105,8 +110,8 @@ def find_units(root: Path, exclude: Iterable[Path] = (), under: Path | None = No
     start = Path(under) if under is not None else root
     if start != root and (not _inside(start, root) or any(is_temporary(p) for p in start.relative_to(root).parts)):
         return
-    if start.resolve() in excluded:
-        return
+    if any(folder.resolve() in excluded for folder in [start, *start.parents] if _inside(folder, root)):
+        return  # e.g. a subfolder of the quarantine, created when a slide is moved there
     yield from _walk(start, root, excluded)
 
 
@@ -164,7 +169,7 @@ def unit_for(path: Path, root: Path, exclude: Iterable[Path] = ()) -> SlideUnit 
         mrxs = parent.with_name(parent.name + ".mrxs")
         if mrxs.is_file():
             return SlideUnit(mrxs, "mrxs", root)
-    if path.is_symlink() and not _inside(path, root):
+    if not _inside(path, root):  # a symlink, or a folder on its path, leads out of the watched folder
         return None
     suffix = path.suffix.lower()
     if suffix == DICOM_SUFFIX:

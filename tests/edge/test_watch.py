@@ -172,3 +172,25 @@ def test_real_slides_and_bad_files_in_the_watched_folder(onnx_bundle, slides_dir
     failed = {Path(r["slide"]).name: r["error"] for r in csv_rows(out) if r["status"] == "failed"}
     assert "no µm/px" in failed["TCGA-CR-7395-frozen-jp2k-no-mpp.svs"]
     assert "--assume-mpp" in failed["untiled-ihc-no-mpp.tif"]
+
+
+def test_sigterm_releases_the_slide_in_hand_and_a_restart_finishes_it(onnx_bundle, slide_factory, tmp_path):
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    shutil.copy(slide_factory("slow0.tif", 3000, 2400, seed=10), scans / "slow.tif")
+    slow = ("--max-piece-px", "16", "--settle", "0.5", "--threads", "1", "--shutdown-timeout", "30")
+    proc = start_watch(scans, out, onnx_bundle, *slow)
+    wait_for(lambda: "processing" in ledger_states(out).values(), 60, "the slide in hand", proc)
+    started = time.monotonic()
+    assert stop(proc) == 0
+    assert time.monotonic() - started < 10  # released between tiles, not after the whole slide
+    assert ledger_states(out) == {str(scans / "slow.tif"): "queued"}
+    assert not (out / "results" / "slow.tif.json").exists() and not csv_rows(out)
+
+    proc = start_watch(scans, out, onnx_bundle, *slow)
+    try:
+        wait_for(done(out, 1), 120, "the slide done after the restart", proc)
+    finally:
+        assert stop(proc) == 0
+    assert len(csv_rows(out)) == 1
+    assert "released" in (out.parent / "out.log").read_text()
