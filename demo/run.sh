@@ -73,8 +73,10 @@ import sys
 from lowmag.synthetic import make_synthetic_slide
 make_synthetic_slide(sys.argv[1], 4096, 3072, mpp=0.5, seed=3)
 PY
+# The demo student learned from 32 px tiles (64 px at 1 µm/px), so tissue pieces are classified
+# as tiles of that size (--max-piece-px 32) and merged; students trained on whole pieces need no such cap.
 "$BIN/edge-classify" watch "$OUT/scans" --model "$OUT/bundle-onnx-int8" --out "$OUT/edge" \
-  --settle 2 --rescan-interval 60 > "$OUT/watch.log" 2>&1 &
+  --settle 2 --rescan-interval 60 --max-piece-px 32 > "$OUT/watch.log" 2>&1 &
 WATCHER=$!
 trap 'kill $WATCHER 2>/dev/null || true' EXIT
 "$BIN/python" demo/scanner.py "$OUT/scans" "$OUT/edge" "$SLIDE" "$OUT/pyramid.tif" \

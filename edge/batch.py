@@ -105,6 +105,7 @@ def run_batch(paths: list[Path], out: Path, bundle: Bundle, choice: BackendChoic
             if status == "known" and not ledger.requeue(unit.path, ("failed", "done") if reprocess else ("failed",)):
                 report.skipped += 1
         runner = EdgeRunner(out, ledger, bundle, choice, config, options)
+        runner.check_backend()
         outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         runner.on_outcome = outcomes.put
         dispatcher = Dispatcher(runner)

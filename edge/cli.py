@@ -163,6 +163,7 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
     bundle, choice, config, options = _setup(retry_delay_s=retry_delay, **kwargs)
     with open_output(out, options.max_attempts) as ledger:
         runner = EdgeRunner(out, ledger, bundle, choice, config, options)
+        runner.check_backend()
         exclude = [p for p in (out, options.quarantine) if p is not None]
         watcher = Watcher(scans, runner, WatchOptions(settle_s=settle, poll=poll, poll_interval_s=poll_interval,
                                                       rescan_interval_s=rescan_interval,

@@ -29,6 +29,7 @@ from lowmag.errors import (
     ImplausibleMppError, LowmagError, MissingMppError, SlideError, SlideReadError, SlideTooLargeError,
     UnsupportedSlideError,
 )
+from lowmag.runtimes import RuntimeUnavailableError
 
 logger = logging.getLogger("lowmag.edge")
 
@@ -54,6 +55,12 @@ class Outcome:
     confidence: float = 0.0
     ms: float = 0.0
     error: str = ""
+
+
+def without_path(message: str, path: str | Path) -> str:
+    """An error message without the leading 'PATH: ' our errors start with (for lines that name it)."""
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
 
 
 def error_kind(error: BaseException) -> str:
@@ -83,6 +90,18 @@ class EdgeRunner:
         self.stop = threading.Event()
         self._local = threading.local()
         self.on_outcome: Callable[[Outcome], None] | None = None
+
+    def check_backend(self) -> None:
+        """Open (and drop) one session now, so a bundle the runtime cannot load stops the
+        command with its reason instead of failing every slide one by one."""
+        try:
+            open_session(self.bundle, self.choice, self.options.threads, self.options.rebuild_engine)
+        except LowmagError:
+            raise
+        except Exception as error:  # a runtime's own exception: say which bundle and runtime
+            raise RuntimeUnavailableError(
+                f"{self.bundle.directory}: {self.choice.describe()} cannot load the model ({error}). "
+                "Try --backend or --device to pick another runtime.") from error
 
     def classifier(self) -> SlideClassifier:
         """This thread's classifier (sessions are not shared between threads)."""
@@ -136,13 +155,13 @@ class EdgeRunner:
             delay = self.options.retry_delay_s * 2 ** (job.attempts - 1)
             self.ledger.failed(job, message, kind, retry_in=delay, sha256=sha256)
             logger.warning("retry %s in %.0f s (attempt %d of %d): %s", job.path, delay, job.attempts,
-                           self.options.max_attempts, message)
+                           self.options.max_attempts, without_path(message, job.path))
             return Outcome(job, "retry", error=message)
         self.ledger.failed(job, message, kind, retry_in=None, sha256=sha256)
         row = csv_row("failed", job.path, self._result_id(job, sha256 or "-" * 16), error=message,
                       sha256=sha256 or "")
         append_csv(self.out / CSV_NAME, row, skip_if_present=job.attempts > 1)
-        logger.error("failed %s ms=%.0f: %s", job.path, seconds * 1000, message)
+        logger.error("failed %s ms=%.0f: %s", job.path, seconds * 1000, without_path(message, job.path))
         if self.options.quarantine is not None:
             self._quarantine(job)
         return Outcome(job, "failed", error=message)

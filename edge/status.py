@@ -9,6 +9,7 @@ from typing import Any
 
 from lowmag.edge.ledger import LEDGER_NAME, Ledger
 from lowmag.edge.lock import holder
+from lowmag.edge.runner import without_path
 from lowmag.errors import LowmagError
 
 
@@ -74,10 +75,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("  labels: " + ", ".join(f"{k} {v}" for k, v in summary["labels"].items()))
     if summary["failed"]:
         lines.append("  failed:")
-        lines += [f"    {f['path']}: {f['error']}" + (f" [moved to {f['quarantined_to']}]" if f["quarantined_to"]
-                                                      else "") for f in summary["failed"]]
+        for f in summary["failed"]:
+            moved = f" [moved to {f['quarantined_to']}]" if f["quarantined_to"] else ""
+            lines.append(f"    {f['path']}: {without_path(f['error'] or '', f['path'])}{moved}")
     if summary["queued"]:
         lines.append("  queued:")
-        lines += [f"    {q['path']}" + (f" (attempt {q['attempts']} failed: {q['last_error']})" if q["last_error"]
-                                        else "") for q in summary["queued"]]
+        for q in summary["queued"]:
+            why = f" (attempt {q['attempts']} failed: {without_path(q['last_error'], q['path'])})" \
+                if q["last_error"] else ""
+            lines.append(f"    {q['path']}{why}")
     return "\n".join(lines)
