@@ -172,6 +172,11 @@ class Ledger:
         return Job(row["id"], Path(row["path"]), row["relative"], row["kind"], row["version"],
                    row["attempts"] + 1, row["sha256"])
 
+    def is_current(self, job: Job) -> bool:
+        """False once the slide was replaced by a new file (its result would be stale)."""
+        rows = self._query("SELECT version FROM slides WHERE id = ?", (job.id,))
+        return bool(rows) and rows[0]["version"] == job.version
+
     def release(self, job: Job) -> None:
         """Give a slide back to the queue without counting the attempt (clean shutdown)."""
         self._write("UPDATE slides SET state = 'queued', attempts = MAX(0, attempts - 1), started_at = NULL "

@@ -122,6 +122,9 @@ class EdgeRunner:
                                             "nothing to do if it was moved away on purpose.")
             result = self.classifier().classify(job.path, unit.files(), should_stop=self.stop.is_set)
             sha256 = result.sha256
+            if not self.ledger.is_current(job):  # replaced mid-way: the new file's result must win
+                logger.warning("%s was replaced while it was being classified; the new file is queued", job.path)
+                return self._report(Outcome(job, "stale"))
             document = write_slide_outputs(self.out, job.relative, result, self.bundle, self.choice,
                                            self.options.threads, self.config.review_threshold)
             json_path = output_paths(self.out, job.relative)["json"]

@@ -163,3 +163,11 @@ def test_a_read_only_ledger_reads_while_the_writer_works(ledger: Ledger, tmp_pat
     finally:
         reader.close()
     assert ledger.pending() == 1
+
+
+def test_a_job_knows_when_its_slide_was_replaced(ledger):
+    add(ledger, "a.svs", 10, 1)
+    job = ledger.claim()
+    assert ledger.is_current(job)
+    add(ledger, "a.svs", 20, 2)  # the scanner wrote a new file under the name
+    assert not ledger.is_current(job)
