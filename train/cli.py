@@ -131,7 +131,7 @@ def run(exp) -> None:
 
 
 def _train_and_evaluate(exp, step, quiet: bool = False) -> None:
-    from lowmag.train.metrics import format_metrics_table
+    from lowmag.metrics import format_metrics_table
     from lowmag.train.phases import evaluate_step, run_step
 
     folder = run_step(exp, step)
@@ -207,7 +207,7 @@ def evaluate(checkpoint: Path, images: Path, mpp: float, out: Path | None, cente
     from lowmag.train.config import RuntimeConfig
     from lowmag.train.data import scan_image_folder
     from lowmag.train.engine import make_runtime
-    from lowmag.train.metrics import format_metrics_table
+    from lowmag.metrics import format_metrics_table
     from lowmag.train.phases import evaluate_model
 
     configure_logging(verbose)

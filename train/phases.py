@@ -82,7 +82,7 @@ def _validation_score(exp: Experiment, resolution: str):
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    from lowmag.train.metrics import classification_metrics
+    from lowmag.metrics import classification_metrics
 
     names = [str(i) for i in range(num_classes)]
     return classification_metrics(y_true, y_pred, names, n_bootstrap=0)["macro_f1"]["value"]
@@ -208,7 +208,7 @@ def evaluate_model(
     model: ResNet, cache, labels, spec, runtime: Runtime, bootstrap: int, seed: int = 0, batch_size: int = 64
 ) -> dict[str, Any]:
     """Metrics with bootstrap CIs, plus the input size and GFLOPs of one forward pass."""
-    from lowmag.train.metrics import classification_metrics
+    from lowmag.metrics import classification_metrics
 
     dataset = MultiResolutionDataset([cache], labels, spec.normalization)
     logits, y = predict(model, dataset, runtime, batch_size, "evaluating")

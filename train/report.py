@@ -25,7 +25,7 @@ import numpy as np
 
 from lowmag.errors import LowmagError
 from lowmag.io import atomic_write_bytes, atomic_write_text
-from lowmag.train.metrics import format_percent_ci
+from lowmag.metrics import format_percent_ci
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from lowmag.errors import LowmagError
-from lowmag.train.metrics import classification_metrics
+from lowmag.metrics import classification_metrics
 from lowmag.train.report import plot_accuracy_vs_gflops, render_markdown, write_report
 
 CLASSES = ["tumor", "stroma", "normal"]
@@ -149,7 +149,7 @@ def test_write_report_without_gflops_skips_only_the_plot(rows, tmp_path):
 
 
 def test_importing_report_does_not_load_matplotlib():
-    code = ("import sys, lowmag.train.report, lowmag.train.metrics; "
+    code = ("import sys, lowmag.train.report, lowmag.metrics; "
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

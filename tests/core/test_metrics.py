@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lowmag.errors import LowmagError
-from lowmag.train.metrics import classification_metrics, format_metrics_table, format_percent_ci
+from lowmag.metrics import classification_metrics, format_metrics_table, format_percent_ci
 
 CLASSES = ["a", "b", "c"]
 # Confusion matrix (rows true, cols predicted): a=[2,1,1], b=[1,2,0], c=[0,1,2].

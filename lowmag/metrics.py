@@ -7,7 +7,7 @@ matrix of N items resampled with replacement, costs O(K²) per resample instead 
 O(N), and needs no per-item index arrays. Resamples are drawn in chunks so memory
 stays near ``_CHUNK_BYTES`` however many classes there are.
 
-numpy only: this module is imported by report writers that have no torch.
+numpy only, in the core: distill-train, the export gate and edge-classify bench all use it.
 """
 
 from __future__ import annotations
