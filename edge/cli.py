@@ -174,6 +174,64 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
         logger.info("stopped after %.0f s; %s", time.time() - started, ledger.counts())
 
 
+@main.command("bench")
+@click.option("--models", "models", multiple=True, required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Bundle folders to compare (repeat the option, or give several after one --models).")
+@click.option("--slides", "slides", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
+              help="Slides, DICOM folders, or folders searched for slides.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Labeled images, one subfolder per class, for macro F1 with its 95% CI.")
+@click.option("--mpp", "images_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="µm/px of the --images.")
+@click.option("--center-crop", type=click.IntRange(min=1), default=None,
+              help="Centre-crop labeled images to this many pixels (at their own resolution) first.")
+@click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Full-resolution model bundle for the conventional reference (224 px patches at 20x).")
+@click.option("--reference-mpp", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True)
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "openvino", "tensorrt"]),
+              help="Only these runtimes (default: every runtime that can run each bundle here).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--max-piece-px", type=click.IntRange(min=16), default=2048, show_default=True)
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder: results.json and report.md.")
+@click.pass_context
+@handle_errors
+def bench_command(ctx: click.Context, models: tuple[Path, ...], slides: tuple[Path, ...], images: Path | None,
+                  images_mpp: float | None, center_crop: int | None, reference: Path | None, reference_mpp: float,
+                  backends: tuple[str, ...], repeats: int, warmup: int, threads: int | None, max_piece_px: int,
+                  out: Path) -> None:
+    """What each student costs and how well it classifies on this machine, next to the
+    conventional 20x reference, as results.json and report.md in --out."""
+    from lowmag.edge.bench import BenchOptions, run_bench
+    from lowmag.edge.bench_report import write_report
+    from lowmag.edge.pipeline import PipelineConfig
+
+    _log_to_stderr(ctx.find_root().params.get("verbose", 0))
+    if images is not None and images_mpp is None:
+        raise click.UsageError("--images needs --mpp (the µm/px of the labeled images).")
+    options = BenchOptions(repeats=repeats, warmup=warmup, threads=threads, backends=backends, images=images,
+                           images_mpp=images_mpp, center_crop=center_crop, reference=reference,
+                           reference_mpp=reference_mpp, config=PipelineConfig(max_piece_px=max_piece_px))
+    bars = []
+
+    def progress(total: int):
+        bar = click.progressbar(length=total, label="benchmarking (slide x runtime)", file=click.get_text_stream("stderr"))
+        bar.__enter__()
+        bars.append(bar)
+        return lambda: bar.update(1)
+
+    try:
+        results = run_bench(models, slides, options, progress)
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)
+    for path in write_report(results, out):
+        click.echo(f"wrote {path}")
+
+
 @main.command("status")
 @click.option("--out", "out", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The output folder of edge-classify run or watch.")

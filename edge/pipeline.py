@@ -111,6 +111,8 @@ class PieceResult:
     input_px: tuple[int, int]
     tiles: int
     probabilities: np.ndarray
+    #: (width, height) of every image the model ran on for this piece (for GFLOPs).
+    inputs: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -248,7 +250,7 @@ class SlideClassifier:
     def _classify_piece(self, slide: Slide, box: TissueBox, size_px: tuple[int, int], timer: Timer,
                         should_stop: Callable[[], bool]) -> PieceResult:
         regions = tile_regions(box, size_px, self.config.max_piece_px)
-        probabilities, weights = [], []
+        probabilities, weights, inputs = [], [], []
         emptiest: tuple[float, np.ndarray] | None = None  # the best of the near-blank tiles
         for region in regions:
             if should_stop():
@@ -259,18 +261,20 @@ class SlideClassifier:
                 if emptiest is None or weight > emptiest[0]:
                     emptiest = (weight, rgb)
                 continue
-            probabilities.append(self._run(rgb, slide, timer))
+            probabilities.append(self._run(rgb, slide, timer, inputs))
             weights.append(weight)
         if not probabilities and emptiest is not None:  # every tile near-blank: the piece rests on its best one
-            probabilities.append(self._run(emptiest[1], slide, timer))
+            probabilities.append(self._run(emptiest[1], slide, timer, inputs))
             weights.append(1.0)
         w = np.asarray(weights, np.float64)
         merged = (np.stack(probabilities) * w[:, None]).sum(0) / w.sum()
-        return PieceResult(box=box, input_px=size_px, tiles=len(regions), probabilities=merged)
+        return PieceResult(box=box, input_px=size_px, tiles=len(regions), probabilities=merged, inputs=tuple(inputs))
 
-    def _run(self, rgb: np.ndarray, slide: Slide, timer: Timer) -> np.ndarray:
+    def _run(self, rgb: np.ndarray, slide: Slide, timer: Timer, inputs: list[tuple[int, int]]) -> np.ndarray:
+        image = pad_to_min_side(rgb, slide.info.background)
+        inputs.append((image.shape[1], image.shape[0]))
         with timer.stage("inference"):
-            logits = logits_of(self.session, [pad_to_min_side(rgb, slide.info.background)], batch_size=1)
+            logits = logits_of(self.session, [image], batch_size=1)
         return softmax(logits[0], self.temperature)
 
 

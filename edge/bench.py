@@ -1,0 +1,371 @@
+"""``edge-classify bench``: what each student costs and how well it classifies, on this machine.
+
+For every bundle x runtime that can run it here, on real slides:
+
+- latency per slide: each slide goes through the whole edge pipeline (``SlideClassifier``)
+  ``warmup`` times unmeasured, then ``repeats`` times; median and 90th percentile, the
+  median of each stage, and slides per hour (3600 s over the mean of the per-slide medians);
+- GFLOPs per slide at the slide's real tissue sizes (``lowmag.edge.flops``), bundle size on
+  disk, peak resident memory while it ran, threads;
+- macro F1 with its 95% bootstrap CI (``lowmag.metrics``) when labeled images are given
+  (a folder with one subfolder per class, at a known µm/px).
+
+The conventional reference, measured in the same run when a full-resolution bundle is
+given: the same tissue boxes tiled into 224 px patches at 0.5 µm/px (20x) read from
+level 0 (``exact=True``), every patch with at least ``min_tile_tissue`` tissue run
+through the full-resolution model. Each student row then states its per-slide speed-up
+and FLOP reduction against it. Torch-free, like the rest of the edge runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from lowmag.bundle import Bundle, load_bundle
+from lowmag.edge.backends import (
+    BackendChoice, choose_backend, open_session, openvino_gpu_available, ort_cuda_available, tensorrt_available,
+)
+from lowmag.edge.batch import units_of
+from lowmag.edge.flops import bundle_gflops, model_gflops
+from lowmag.edge.pipeline import PipelineConfig, SlideClassifier, Timer, tile_regions, tissue_fraction
+from lowmag.edge.results import write_slide_outputs
+from lowmag.errors import LowmagError
+from lowmag.reader import Region, output_size, read_at_mpp
+from lowmag.runtimes import RuntimeUnavailableError, logits_of
+from lowmag.slide import open_slide
+from lowmag.tissue import locate_tissue
+
+logger = logging.getLogger("lowmag.edge")
+
+RESULTS_SCHEMA = "lowmag.edge.bench/1"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    repeats: int = 5
+    warmup: int = 1
+    threads: int | None = None
+    backends: tuple[str, ...] = ()  # empty: every runtime that can run the bundle here
+    images: Path | None = None
+    images_mpp: float | None = None
+    center_crop: int | None = None
+    reference: Path | None = None
+    reference_mpp: float = 0.5
+    reference_patch: int = 224
+    config: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+# -- what can run a bundle here --------------------------------------------------------
+def runnable(bundle: Bundle, wanted: Sequence[str] = ()) -> list[BackendChoice]:
+    """Every runtime x device that can run ``bundle`` here (or only the ``wanted`` runtimes)."""
+    candidates: list[tuple[str, str]] = []
+    if bundle.target == "tensorrt":
+        candidates.append(("tensorrt", "gpu"))
+    if bundle.target in ("onnx", "tensorrt"):
+        candidates.append(("onnxruntime", "cpu"))
+        if ort_cuda_available():
+            candidates.append(("onnxruntime", "gpu"))
+    if bundle.target in ("onnx", "openvino"):
+        candidates.append(("openvino", "cpu"))
+        if openvino_gpu_available():
+            candidates.append(("openvino", "gpu"))
+    choices = []
+    for backend, device in candidates:
+        if wanted and backend not in wanted:
+            continue
+        if backend == "tensorrt" and not tensorrt_available():
+            logger.warning("%s: TensorRT is not available here; its engine is not benchmarked", bundle.directory)
+            continue
+        try:
+            choices.append(choose_backend(bundle, backend, device))
+        except RuntimeUnavailableError as error:
+            logger.warning("%s", error)
+    return choices
+
+
+# -- measurements ----------------------------------------------------------------------
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark for this process (Linux); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant figures (GFLOPs span 1e-9 to 1e3)."""
+    return float(f"{value:.{digits}g}")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def bundle_bytes(bundle: Bundle) -> int:
+    """Bytes of the bundle's files (model, weights, sidecars)."""
+    return sum((bundle.directory / name).stat().st_size for name in bundle.files.values())
+
+
+Run = Callable[[Path, Sequence[Path]], tuple[dict[str, float], dict[str, Any]]]
+
+
+def time_slides(run: Run, slides: list, warmup: int, repeats: int,
+                progress: Callable[[], None]) -> list[dict[str, Any]]:
+    """Per slide: ``run`` called warmup + repeats times; it returns (stage ms, facts of the slide)."""
+    rows = []
+    for unit in slides:
+        files = unit.files()
+        for _ in range(warmup):
+            run(unit.path, files)
+        outcomes = [run(unit.path, files) for _ in range(repeats)]
+        calls = [ms for ms, _ in outcomes]
+        progress()
+        totals = [c["total"] for c in calls]
+        rows.append({
+            "slide": str(unit.path), "relative": unit.relative,
+            "median_ms": round(statistics.median(totals), 1), "p90_ms": round(percentile(totals, 0.9), 1),
+            "stages_ms": {k: round(statistics.median(c[k] for c in calls), 1) for k in calls[0] if k != "total"},
+            **outcomes[-1][1],
+        })
+    return rows
+
+
+def bench_student(bundle: Bundle, choice: BackendChoice, slides: list, options: BenchOptions,
+                  progress: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """One bundle on one runtime: latency, stages, GFLOPs, memory, and accuracy when labeled."""
+    reset_peak_rss()
+    session = open_session(bundle, choice, options.threads)
+    classifier = SlideClassifier(bundle, session, options.config)
+
+    def run(path: Path, files: Sequence[Path]) -> tuple[dict[str, float], dict[str, Any]]:
+        result = classifier.classify(path, files)
+        # The outputs are written as the edge runner writes them (timed as "write"), then dropped.
+        write_slide_outputs(scratch, path.name, result, bundle, choice, options.threads,
+                            options.config.review_threshold)
+        sizes = [size for piece in result.pieces for size in piece.inputs]
+        return result.timer.ms(), {"gflops": significant(bundle_gflops(choice.model, sizes)),
+                                   "label": result.label, "pieces": len(result.pieces), "inputs": len(sizes)}
+
+    with tempfile.TemporaryDirectory(prefix="lowmag-bench-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        per_slide = time_slides(run, slides, options.warmup, options.repeats, progress)
+    medians = [row["median_ms"] for row in per_slide]
+    row = {
+        "bundle": bundle.directory.name, "path": str(bundle.directory), "target": bundle.target,
+        "precision": bundle.precision, "magnification": bundle.spec.magnification,
+        "mpp": bundle.spec.target_mpp, "backend": choice.backend, "device": choice.device,
+        "threads": options.threads or _default_threads(), "bundle_bytes": bundle_bytes(bundle),
+        "slides": per_slide,
+        "median_ms_per_slide": round(statistics.median(medians), 1) if medians else None,
+        "p90_ms_per_slide": round(percentile([r["p90_ms"] for r in per_slide], 0.9), 1) if per_slide else None,
+        "slides_per_hour": round(3600_000 / statistics.mean(medians)) if medians else None,
+        "gflops_per_slide": significant(statistics.mean(r["gflops"] for r in per_slide)) if per_slide else None,
+        "stages_ms": {k: round(statistics.median(r["stages_ms"][k] for r in per_slide), 1)
+                      for k in (per_slide[0]["stages_ms"] if per_slide else {})},
+    }
+    if options.images is not None:
+        row["accuracy"] = labeled_accuracy(bundle, session, options)
+    row["peak_rss_mb"] = peak_rss_mb()
+    return row
+
+
+def _default_threads() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# -- accuracy on labeled images --------------------------------------------------------
+def labeled_images(folder: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
+    """(image, class index) for every image in ``folder/<class>/``; unknown folders are errors."""
+    subfolders = sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [p.name for p in subfolders if p.name not in classes]
+    if unknown or not subfolders:
+        raise LowmagError(
+            f"{folder}: expected one subfolder per class of the bundle ({', '.join(classes)}); "
+            f"found {', '.join(p.name for p in subfolders) or 'none'}.")
+    return [(image, classes.index(sub.name)) for sub in subfolders for image in sorted(sub.iterdir())
+            if image.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def read_labeled(path: Path, mpp: float, target_mpp: float, center_crop: int | None) -> np.ndarray:
+    with open_slide(path, assume_mpp=mpp) as slide:
+        region = None
+        if center_crop:
+            w, h = slide.info.width, slide.info.height
+            side_w, side_h = min(center_crop, w), min(center_crop, h)
+            region = Region((w - side_w) // 2, (h - side_h) // 2, side_w, side_h)
+        return read_at_mpp(slide, target_mpp, region)
+
+
+def labeled_accuracy(bundle: Bundle, session, options: BenchOptions) -> dict[str, Any]:
+    from lowmag.metrics import classification_metrics
+
+    if options.images_mpp is None:
+        raise LowmagError("--images needs --mpp: the µm/px of the labeled images.")
+    items = labeled_images(options.images, bundle.spec.classes)
+    images = [read_labeled(p, options.images_mpp, bundle.spec.target_mpp, options.center_crop) for p, _ in items]
+    logits = logits_of(session, images, batch_size=32)
+    metrics = classification_metrics([label for _, label in items], logits.argmax(1), bundle.spec.classes,
+                                      n_bootstrap=2000)
+    return {"images": len(items), **{k: metrics[k] for k in ("accuracy", "macro_f1") if k in metrics}}
+
+
+# -- the conventional reference --------------------------------------------------------
+def bench_reference(bundle: Bundle, choice: BackendChoice, slides: list, options: BenchOptions,
+                    progress: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Full-resolution model on 224 px patches at 0.5 µm/px read from level 0, per slide."""
+    reset_peak_rss()
+    session = open_session(bundle, choice, options.threads)
+    patch = options.reference_patch
+    mpp = options.reference_mpp
+    gflops_per_patch = model_gflops(str(choice.model), patch, patch)
+
+    def run(path: Path, files: Sequence[Path]) -> tuple[dict[str, float], dict[str, Any]]:
+        timer = Timer()
+        with timer.stage("open"):
+            slide = open_slide(path, assume_mpp=options.config.assume_mpp)
+        with slide:
+            with timer.stage("tissue"):
+                boxes = locate_tissue(slide, options.config.tissue)
+            patches = 0
+            for box in boxes:
+                size = output_size(slide, mpp, box.region)
+                for region in tile_regions(box, size, patch):
+                    seconds: dict[str, float] = {}
+                    rgb = read_at_mpp(slide, mpp, region, exact=True, timings=seconds)
+                    for stage, value in seconds.items():
+                        timer.seconds[stage] += value
+                    if tissue_fraction(rgb, options.config.tissue.min_saturation) < options.config.min_tile_tissue:
+                        continue
+                    with timer.stage("inference"):
+                        logits_of(session, [_pad_to(rgb, patch)], batch_size=1)
+                    patches += 1
+        return timer.ms(), {"gflops": significant(patches * gflops_per_patch), "patches": patches}
+
+    per_slide = time_slides(run, slides, options.warmup, options.repeats, progress)
+    medians = [row["median_ms"] for row in per_slide]
+    return {
+        "bundle": bundle.directory.name, "path": str(bundle.directory), "precision": bundle.precision,
+        "mpp": mpp, "patch_px": patch, "backend": choice.backend, "device": choice.device,
+        "threads": options.threads or _default_threads(), "bundle_bytes": bundle_bytes(bundle),
+        "gflops_per_patch": significant(gflops_per_patch), "slides": per_slide,
+        "median_ms_per_slide": round(statistics.median(medians), 1),
+        "slides_per_hour": round(3600_000 / statistics.mean(medians)),
+        "gflops_per_slide": significant(statistics.mean(r["gflops"] for r in per_slide)),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _pad_to(rgb: np.ndarray, side: int) -> np.ndarray:
+    """Edge patches are padded to the full patch size with white, as tiling tools do."""
+    h, w = rgb.shape[:2]
+    if h == side and w == side:
+        return rgb
+    out = np.full((max(h, side), max(w, side), 3), 255, np.uint8)
+    out[:h, :w] = rgb
+    return out
+
+
+# -- the whole run ---------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    """CPU, cores, RAM, GPU and library versions of the machine the numbers come from."""
+    from lowmag import __version__
+    from lowmag.provenance import cpu_info
+
+    info: dict[str, Any] = {**cpu_info(), "python": platform.python_version(), "os": platform.platform(),
+                            "lowmag": __version__}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["ram_gib"] = round(int(line.split()[1]) / 1024 ** 2, 1)
+    except OSError:
+        pass
+    from lowmag.tensorrt import current_environment
+
+    info["gpu"] = current_environment().get("gpu") or "none"
+    import importlib.metadata as md
+
+    for name in ("numpy", "pyvips", "openslide-python", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt"):
+        try:
+            info[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return info
+
+
+def run_bench(models: Sequence[Path], slide_paths: Sequence[Path], options: BenchOptions,
+              progress: Callable[[int], Callable[[], None]] | None = None) -> dict[str, Any]:
+    """Benchmark every bundle on every runtime here, and the reference; plain-data results."""
+    slides = units_of(list(slide_paths))
+    readable = []
+    for unit in slides:  # slides that cannot be classified are reported, not benchmarked
+        try:
+            with open_slide(unit.path, assume_mpp=options.config.assume_mpp):
+                readable.append(unit)
+        except LowmagError as error:
+            logger.warning("not benchmarked: %s", error)
+    if not readable:
+        raise LowmagError(f"none of {', '.join(map(str, slide_paths))} holds a slide that opens; "
+                          "give slides with a pixel size (or --assume-mpp).")
+    bundles = [load_bundle(m) for m in models]
+    plan = [(b, c) for b in bundles for c in runnable(b, options.backends)]
+    reference = load_bundle(options.reference) if options.reference else None
+    reference_choice = choose_backend(reference) if reference else None
+    total = len(readable) * (len(plan) + (1 if reference else 0))
+    tick = progress(total) if progress else (lambda: None)
+    started = time.time()
+    ref_row = bench_reference(reference, reference_choice, readable, options, tick) if reference else None
+    rows = [bench_student(b, c, readable, options, tick) for b, c in plan]
+    if ref_row is not None:
+        for row in rows:
+            row["vs_reference"] = compare(row, ref_row)
+    return {
+        "schema": RESULTS_SCHEMA, "machine": machine(), "started_at": started,
+        "seconds": round(time.time() - started, 1),
+        "options": {"repeats": options.repeats, "warmup": options.warmup, "threads": options.threads,
+                    "max_piece_px": options.config.max_piece_px, "images": str(options.images or ""),
+                    "images_mpp": options.images_mpp, "center_crop": options.center_crop,
+                    "reference_mpp": options.reference_mpp, "reference_patch": options.reference_patch},
+        "slides": [u.relative for u in readable], "skipped_slides": [str(u.path) for u in slides
+                                                                     if u not in readable],
+        "students": rows, "reference": ref_row,
+    }
+
+
+def compare(row: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Per-slide speed-up and FLOP reduction of a student against the reference, same slides."""
+    speedups, reductions = [], []
+    for mine, theirs in zip(row["slides"], reference["slides"]):
+        speedups.append(theirs["median_ms"] / mine["median_ms"])
+        if mine["gflops"] > 0:
+            reductions.append(theirs["gflops"] / mine["gflops"])
+    return {
+        "speedup_median": round(statistics.median(speedups), 2),
+        "flop_reduction_median": round(statistics.median(reductions), 1) if reductions else None,
+        "per_slide": [{"slide": m["relative"], "speedup": round(s, 2)} for m, s in zip(row["slides"], speedups)],
+    }

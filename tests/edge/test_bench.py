@@ -1,0 +1,79 @@
+"""``edge-classify bench``: every column filled, the conventional reference measured beside."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from lowmag.synthetic import Blob
+from tests.edge.conftest import edge
+from tests.models import make_bundle
+
+
+def cells(row: str) -> list[str]:
+    return [cell.strip() for cell in row.strip("|").split("|")]
+
+
+def labeled_folder(root):
+    import pyvips
+
+    for name, colour in (("pink", (222, 140, 185)), ("glass", (240, 240, 240))):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            rng = np.random.default_rng(i)
+            pixels = np.clip(np.array(colour) + rng.normal(0, 8, (96, 96, 3)), 0, 255).astype(np.uint8)
+            pyvips.Image.new_from_array(pixels, interpretation="srgb").write_to_file(str(root / name / f"{i}.png"))
+    return root
+
+
+def test_bench_reports_every_student_on_every_runtime_against_the_reference(
+        onnx_bundle, openvino_bundle, slide_factory, tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i, blobs in enumerate([(Blob(300, 380, 200, 250),), (Blob(500, 380, 300, 300),)]):
+        (slides / f"b{i}.tif").hardlink_to(slide_factory(f"b{i}.tif", 1024, 768, seed=i, blobs=blobs))
+    (slides / "no-mpp.tif").write_bytes(slide_factory("nompp.tif", 256, 256, mpp=None).read_bytes())
+    reference = make_bundle(tmp_path / "reference", target_mpp=0.5)
+    images = labeled_folder(tmp_path / "labeled")
+    out = tmp_path / "report"
+    result = edge("bench", "--models", str(onnx_bundle), "--models", str(openvino_bundle), "--slides", str(slides),
+                  "--images", str(images), "--mpp", "0.5", "--reference", str(reference), "--repeats", "2",
+                  "--threads", "1", "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "not benchmarked" in result.stderr and "no-mpp.tif" in result.stderr
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "lowmag.edge.bench/1"
+    assert results["machine"]["cores"] and results["machine"]["onnxruntime"]
+    runs = {(r["bundle"], r["backend"]) for r in results["students"]}
+    assert runs == {("onnx", "onnxruntime"), ("onnx", "openvino"), ("openvino", "openvino")}
+    for row in results["students"]:
+        assert row["median_ms_per_slide"] > 0 and row["p90_ms_per_slide"] >= row["median_ms_per_slide"]
+        assert row["slides_per_hour"] > 0 and row["peak_rss_mb"] > 0 and row["bundle_bytes"] > 0
+        assert row["gflops_per_slide"] > 0
+        assert set(row["stages_ms"]) >= {"read", "resample", "tissue", "inference", "write"}
+        assert row["stages_ms"]["write"] > 0
+        assert row["accuracy"]["images"] == 12 and row["accuracy"]["macro_f1"]["value"] == 1.0
+        vs = row["vs_reference"]
+        assert vs["speedup_median"] > 0 and vs["flop_reduction_median"] > 1
+    ref = results["reference"]
+    assert all(s["patches"] > 0 for s in ref["slides"]) and ref["gflops_per_slide"] > 0
+
+    report = (out / "report.md").read_text()
+    student_rows = [line for line in report.splitlines() if line.startswith("| onnx |") or
+                    line.startswith("| openvino |")]
+    assert len(student_rows) == 3 + 3  # the students table and the stage table
+    assert not [line for line in student_rows if "–" in cells(line)]  # every column filled
+    assert "The conventional reference" in report and "level 0" in report
+
+
+def test_bench_without_labels_or_reference_says_what_is_missing(onnx_bundle, slide_factory, tmp_path):
+    out = tmp_path / "report"
+    result = edge("bench", "--models", str(onnx_bundle), "--slides", str(slide_factory()), "--repeats", "1",
+                  "--warmup", "0", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = (out / "report.md").read_text()
+    assert "Not measured: pass --reference" in report
+    [row] = [line for line in report.splitlines() if line.startswith("| onnx | 5x | onnx fp32 | onnxruntime")]
+    assert cells(row)[6] == "–" and cells(row)[-2:] == ["–", "–"]  # macro F1, speed-up, FLOP reduction
