@@ -38,6 +38,13 @@ for step in distill-aux-both-scan_2 distill-aux-both-scan_4 distill-aux-both-sca
   done
 done
 
+# The teacher at full resolution (0.495 µm/px): the conventional reference of edge-classify bench.
+out="$BUNDLES/teacher-scan-onnx-fp32"
+export-student "$RUN/steps/teacher-scan" --target onnx --precision fp32 --out "$out" --force \
+  --calibration "$SPLITS/unlabeled" --calibration-mpp 0.495 \
+  --eval-images "$SPLITS/test" --val-images "$SPLITS/val" --mpp 0.495 --center-crop 144 \
+  2>&1 | tee "$out.log" || echo "export refused: see $out.log" >&2
+
 python - "$BUNDLES" "$DOCS/gate.md" "$DOCS/gate.json" <<'PY'
 import json, sys
 from pathlib import Path
@@ -67,3 +74,12 @@ PY
 
 # Speed on this machine: every bundle next to PyTorch eager on its source checkpoint.
 [ -n "${SKIP_BENCH:-}" ] || export-student bench "$BUNDLES"/*-fp32 "$BUNDLES"/*-int8 "$BUNDLES"/*-int8s8 --out "$DOCS"
+
+# The students on real slides next to the conventional 20x reference (docs/edge-bench).
+S=../shared/data/slides
+B=$BUNDLES/distill-aux-both-scan
+[ -n "${SKIP_BENCH:-}" ] || edge-classify bench --models "${B}_2-openvino-int8" --models "${B}_4-openvino-int8" \
+  --models "${B}_4-onnx-int8" --models "${B}_4-onnx-fp32" --models "${B}_8-openvino-int8" \
+  --slides "$S/aperio/CMU-1-Small-Region.svs" --slides "$S/generic-tiff/CMU-1-Small-Region-pyramid.tif" \
+  --slides "$S/dicom/CMU-1-Small-Region" --images "$SPLITS/test" --mpp 0.495 --center-crop 144 \
+  --reference "$BUNDLES/teacher-scan-onnx-fp32" --repeats 3 --out docs/edge-bench

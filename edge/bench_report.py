@@ -32,6 +32,7 @@ def markdown(results: dict[str, Any]) -> str:
     opts = results["options"]
     lines = [
         "# edge-classify bench", "",
+        f"Command: `{results.get('command', '(not recorded)')}`", "",
         f"Machine: {m.get('model', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gib', '?')} GiB RAM, GPU: "
         f"{m.get('gpu', 'none')}; {m.get('os', '')}",
         "Libraries: " + ", ".join(f"{k} {m[k]}" for k in ("lowmag", "numpy", "pyvips", "openslide-python",

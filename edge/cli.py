@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -228,6 +230,7 @@ def bench_command(ctx: click.Context, models: tuple[Path, ...], slides: tuple[Pa
     finally:
         for bar in bars:
             bar.__exit__(None, None, None)
+    results["command"] = "edge-classify " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
     for path in write_report(results, out):
         click.echo(f"wrote {path}")
 
