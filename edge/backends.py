@@ -154,7 +154,7 @@ def _choose(bundle: Bundle, backend: str, device: str, onnx: Path | None, auto: 
     choice = BackendChoice("openvino", "gpu" if use_gpu else "cpu", model, "OpenVINO " + ("GPU" if use_gpu else "CPU"))
     if bundle.target != "openvino" and not auto:
         choice = _with_warning(choice, f"{where}: a {bundle.target} bundle run on OpenVINO, which its gate did not "
-                                       "measure; its results may differ slightly from the gated runtime's")
+                                       "measure (in f32, as the gate computed); its results may differ slightly")
     return choice
 
 
@@ -167,7 +167,12 @@ def open_session(bundle: Bundle, choice: BackendChoice, threads: int | None = No
             "CPUExecutionProvider"]
         return OnnxRuntimeSession(choice.model, threads, providers)
     if choice.backend == "openvino":
-        return OpenVinoSession(choice.model, "GPU" if choice.device == "gpu" else "CPU", threads, settings.get("config"))
+        config = settings.get("config")
+        if config is None and bundle.precision != "fp16":
+            # Another target's bundle on OpenVINO: compute in f32 as its gate did (OpenVINO
+            # would otherwise pick bf16 on CPUs that have it, and move the logits).
+            config = {"INFERENCE_PRECISION_HINT": "f32"}
+        return OpenVinoSession(choice.model, "GPU" if choice.device == "gpu" else "CPU", threads, config)
     from lowmag.tensorrt import prepare_engine
     from lowmag.tensorrt_runtime import TensorRTEngineSession
 

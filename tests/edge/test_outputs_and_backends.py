@@ -123,3 +123,12 @@ def test_asking_for_what_is_not_here_is_an_error(onnx_bundle, tmp_path):
     result = edge("run", str(tmp_path), "--model", str(onnx_bundle), "--out", str(tmp_path / "o"),
                   "--backend", "tensorrt")
     assert result.returncode == 1 and "export-student" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_onnx_bundle_on_openvino_computes_in_f32_as_its_gate_did(onnx_bundle):
+    from lowmag.edge.backends import open_session
+
+    bundle = load_bundle(onnx_bundle)
+    session = open_session(bundle, choose_backend(bundle, "openvino"), threads=1)
+    precision = str(session.compiled.get_property("INFERENCE_PRECISION_HINT"))
+    assert "float32" in precision or "f32" in precision, precision  # not bf16 on CPUs that have it
