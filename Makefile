@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lowmag-installed
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all bench install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,5 +24,13 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m 'not benchmark'
 
+# Micro-benchmarks of the hot paths (pytest-benchmark; about 2 min on 2 cores); never part
+# of `make test`. Timings only, no asserts on them; the full numbers land in .bench/.
+bench: $(STAMP)
+	@mkdir -p .bench
+	$(BIN)/python -m pytest tests/bench -m benchmark --benchmark-only --benchmark-min-rounds=3 \
+		--benchmark-max-time=1.0 --benchmark-columns=min,median,mean,max,rounds \
+		--benchmark-json=.bench/results.json
+
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .pytest_cache .bench
