@@ -176,6 +176,7 @@ def bench_student(bundle: Bundle, choice: BackendChoice, slides: list, options: 
     medians = [row["median_ms"] for row in per_slide]
     row = {
         "bundle": bundle.directory.name, "path": str(bundle.directory), "target": bundle.target,
+        "regime": training_regime(bundle),
         "precision": bundle.precision, "magnification": bundle.spec.magnification,
         "mpp": bundle.spec.target_mpp, "backend": choice.backend, "device": choice.device,
         "threads": options.threads or _default_threads(), "bundle_bytes": bundle_bytes(bundle),
@@ -197,6 +198,18 @@ def _default_threads() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def training_regime(bundle: Bundle) -> str:
+    """The data a student learned from, as distill-train records it (plot series)."""
+    config = bundle.spec.provenance.config
+    step = str(config.get("step", ""))
+    if step.startswith("teacher"):
+        return "teacher"
+    if step.startswith("baseline"):
+        return "baseline (labels, no teacher)"
+    regime = config.get("regime")
+    return f"distilled, {regime}" if regime else "unknown"
 
 
 # -- accuracy on labeled images --------------------------------------------------------
@@ -269,7 +282,9 @@ def bench_reference(bundle: Bundle, choice: BackendChoice, slides: list, options
 
     per_slide = time_slides(run, slides, options.warmup, options.repeats, progress)
     medians = [row["median_ms"] for row in per_slide]
+    accuracy = labeled_accuracy(bundle, session, options) if options.images is not None else None
     return {
+        "accuracy": accuracy,
         "bundle": bundle.directory.name, "path": str(bundle.directory), "precision": bundle.precision,
         "mpp": mpp, "patch_px": patch, "backend": choice.backend, "device": choice.device,
         "threads": options.threads or _default_threads(), "bundle_bytes": bundle_bytes(bundle),
@@ -277,6 +292,8 @@ def bench_reference(bundle: Bundle, choice: BackendChoice, slides: list, options
         "median_ms_per_slide": round(statistics.median(medians), 1),
         "slides_per_hour": round(3600_000 / statistics.mean(medians)),
         "gflops_per_slide": significant(statistics.mean(r["gflops"] for r in per_slide)),
+        "stages_ms": {k: round(statistics.median(r["stages_ms"][k] for r in per_slide), 1)
+                      for k in per_slide[0]["stages_ms"]},
         "peak_rss_mb": peak_rss_mb(),
     }
 

@@ -1,13 +1,18 @@
-"""The bench report: ``results.json`` and ``report.md`` (plots and HTML: see issue 6's notes)."""
+"""The bench report: ``results.json``, ``report.md`` with its plots in ``plots/*.svg``, and a
+self-contained ``report.html`` (the same tables, the plots inline, no external resource)."""
 
 from __future__ import annotations
 
 import json
+from html import escape
 from pathlib import Path
 from typing import Any
 
+from lowmag.edge import bench_plots
 from lowmag.edge.pipeline import STAGES
 from lowmag.io import atomic_write_text
+
+PLOTS = ("f1_vs_gflops", "latency", "stages")
 
 
 def _f1(row: dict[str, Any]) -> str:
@@ -45,6 +50,7 @@ def markdown(results: dict[str, Any]) -> str:
         "pipeline. Latency is the median over slides of each slide's median (p90: of each slide's 90th "
         "percentile); slides/hour is 3600 s over the mean per-slide median.", "",
         "## Students", "",
+        "![Macro F1 against GFLOPs per slide](plots/f1_vs_gflops.svg)", "",
         "| bundle | magnification | precision | backend | MB | GFLOPs/slide | macro F1 (95% CI) | median ms | "
         "p90 ms | slides/h | peak RSS MB | threads | speed-up vs reference | FLOP reduction |",
         "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -57,7 +63,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_num(r['p90_ms_per_slide'])} | {_num(r['slides_per_hour'])} | {_num(r['peak_rss_mb'])} "
             f"| {r['threads']} | {_times(vs.get('speedup_median'), '.2f')} | {_times(vs.get('flop_reduction_median'), '.1f')} |"
         )
-    lines += ["", "## Time per stage (median ms per slide)", "",
+    lines += ["", "![Median latency per slide](plots/latency.svg)", "",
+              "## Time per stage (median ms per slide)", "",
+              "![Where the time goes](plots/stages.svg)", "",
               "| bundle | backend | " + " | ".join(s for s in STAGES) + " |",
               "|---|---|" + "---:|" * len(STAGES)]
     for r in results["students"]:
@@ -78,13 +86,93 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {s['relative']} | {s['patches']} | {s['gflops']} | {s['median_ms']:.0f} | "
                          f"{s['p90_ms']:.0f} |")
         lines += ["", f"Median {ref['median_ms_per_slide']:.0f} ms per slide, {ref['slides_per_hour']} slides/hour, "
-                      f"peak RSS {ref['peak_rss_mb']:.0f} MB."]
+                      f"peak RSS {ref['peak_rss_mb']:.0f} MB; macro F1 (95% CI) on the labeled images: {_f1(ref)}."]
     return "\n".join(lines) + "\n"
 
 
+def run_label(row: dict[str, Any]) -> str:
+    return f"{row['bundle']} · {row['backend']}/{row['device']}"
+
+
+def plots(results: dict[str, Any]) -> dict[str, str]:
+    """The three plots as SVG text, by name."""
+    students = results["students"]
+    points = []
+    for r in students:
+        f1 = (r.get("accuracy") or {}).get("macro_f1")
+        if f1 and r["backend"] == _first_backend(students, r["bundle"]):
+            points.append({"gflops": r["gflops_per_slide"], "f1": 100 * f1["value"], "series": r["regime"],
+                           "label": f"{r['magnification']} {r['precision']}"})
+    ref = results.get("reference")
+    if ref and (ref.get("accuracy") or {}).get("macro_f1"):
+        points.append({"gflops": ref["gflops_per_slide"], "f1": 100 * ref["accuracy"]["macro_f1"]["value"],
+                       "series": "reference", "label": "20x patches"})
+    bars = [{"label": run_label(r), "median": r["median_ms_per_slide"] or 0, "p90": r["p90_ms_per_slide"],
+             "group": i} for i, r in enumerate(students)]
+    stage_rows = [{"label": run_label(r), "stages_ms": r["stages_ms"]} for r in students]
+    if ref:
+        bars.append({"label": f"reference: {ref['bundle']}", "median": ref["median_ms_per_slide"],
+                     "p90": None, "group": len(students)})
+        stage_rows.append({"label": f"reference: {ref['bundle']}", "stages_ms": ref.get("stages_ms", {})})
+    return {"f1_vs_gflops": bench_plots.f1_vs_gflops(points), "latency": bench_plots.latency(bars),
+            "stages": bench_plots.stages(stage_rows)}
+
+
+def _first_backend(students: list[dict[str, Any]], bundle: str) -> str:
+    """One point per bundle in the accuracy plot (every runtime classifies alike)."""
+    return next(r["backend"] for r in students if r["bundle"] == bundle)
+
+
+def html(results: dict[str, Any], svgs: dict[str, str]) -> str:
+    """The report as one HTML file: the Markdown tables as HTML tables, the plots inline."""
+    parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>edge-classify bench</title>',
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+             "th,td{border:1px solid #ccc;padding:3px 7px}td.n{text-align:right}"
+             "code{background:#f4f4f4;padding:1px 3px}figure{margin:1em 0}</style></head><body>"]
+    table: list[list[str]] = []
+    for line in markdown(results).splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-:") for c in cells):
+                table.append(cells)
+            continue
+        if table:
+            head, *body = table
+            parts.append("<table><thead><tr>" + "".join(f"<th>{escape(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                         + "".join("<tr>" + "".join(f'<td{_numeric(c)}>{escape(c)}</td>' for c in row) + "</tr>"
+                                   for row in body) + "</tbody></table>")
+            table = []
+        if line.startswith("!["):
+            name = line[line.index("(") + 1:line.index(")")].split("/")[-1].removesuffix(".svg")
+            parts.append(f'<figure id="plot-{name}">{svgs[name]}</figure>')
+        elif line.startswith("# "):
+            parts.append(f"<h1>{escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            parts.append(f"<h2>{escape(line[3:])}</h2>")
+        elif line.strip():
+            text = escape(line)
+            while "`" in text and text.count("`") >= 2:
+                text = text.replace("`", "<code>", 1).replace("`", "</code>", 1)
+            parts.append(f"<p>{text}</p>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def _numeric(cell: str) -> str:
+    return ' class="n"' if cell.replace(".", "").replace(",", "").replace("x", "").isdigit() else ""
+
+
 def write_report(results: dict[str, Any], out: Path) -> list[Path]:
+    """results.json, report.md, plots/*.svg and report.html in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "results.json", out / "report.md"]
+    svgs = plots(results)
+    paths = [out / "results.json", out / "report.md", out / "report.html"]
+    for name, svg in svgs.items():
+        path = out / "plots" / f"{name}.svg"
+        atomic_write_text(path, svg)
+        paths.append(path)
     atomic_write_text(paths[0], json.dumps(results, indent=2) + "\n")
     atomic_write_text(paths[1], markdown(results))
+    atomic_write_text(paths[2], html(results, svgs))
     return paths

@@ -66,6 +66,38 @@ def test_bench_reports_every_student_on_every_runtime_against_the_reference(
     assert len(student_rows) == 3 + 3  # the students table and the stage table
     assert not [line for line in student_rows if "–" in cells(line)]  # every column filled
     assert "The conventional reference" in report and "level 0" in report
+    assert ref["accuracy"]["images"] == 12
+
+    # Plots: SVG files the Markdown links to, and the HTML carries them inline.
+    for name in ("f1_vs_gflops", "latency", "stages"):
+        svg = (out / "plots" / f"{name}.svg").read_text()
+        assert svg.startswith("<svg") and f"plots/{name}.svg" in report
+    assert report_html_is_self_contained(out / "report.html", tables=3, figures=3)
+    f1_plot = (out / "plots" / "f1_vs_gflops.svg").read_text()
+    assert f1_plot.count("<circle") >= 2 + 1 and "<polygon" in f1_plot  # 2 bundles + legend; reference star
+
+
+def report_html_is_self_contained(path, tables: int, figures: int) -> bool:
+    from html.parser import HTMLParser
+
+    class Collect(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: list[str] = []
+            self.external: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            for name, value in attrs:
+                if name in ("src", "href") and value and not value.startswith(("#", "data:")):
+                    self.external.append(value)
+
+    parser = Collect()
+    parser.feed(path.read_text())
+    assert not parser.external, parser.external
+    assert parser.tags.count("table") == tables and parser.tags.count("figure") == figures
+    assert parser.tags.count("svg") == figures
+    return True
 
 
 def test_bench_without_labels_or_reference_says_what_is_missing(onnx_bundle, slide_factory, tmp_path):
