@@ -79,7 +79,7 @@ PY
 S=../shared/data/slides
 B=$BUNDLES/distill-aux-both-scan
 [ -n "${SKIP_BENCH:-}" ] || edge-classify bench --models "${B}_2-openvino-int8" --models "${B}_4-openvino-int8" \
-  --models "${B}_4-onnx-int8" --models "${B}_4-onnx-fp32" --models "${B}_8-openvino-int8" \
+  --models "${B}_4-onnx-int8" --models "${B}_4-onnx-fp32" --models "${B}_8-openvino-int8" --models "${B}_8-onnx-int8" \
   --slides "$S/aperio/CMU-1-Small-Region.svs" --slides "$S/generic-tiff/CMU-1-Small-Region-pyramid.tif" \
   --slides "$S/dicom/CMU-1-Small-Region" --images "$SPLITS/test" --mpp 0.495 --center-crop 144 \
   --reference "$BUNDLES/teacher-scan-onnx-fp32" --repeats 3 --out docs/edge-bench

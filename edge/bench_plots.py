@@ -16,7 +16,6 @@ from typing import Any, Sequence
 from lowmag.edge.pipeline import STAGES
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#7f7f7f")
-FONT = 'font-family="sans-serif" font-size="12"'
 
 
 def _svg(width: int, height: int, body: list[str], title: str) -> str:
@@ -27,12 +26,13 @@ def _svg(width: int, height: int, body: list[str], title: str) -> str:
 
 
 def _text(x: float, y: float, text: str, anchor: str = "start", extra: str = "") -> str:
-    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" {FONT} {extra}>{escape(text)}</text>'
+    font = 'font-family="sans-serif"' + ("" if "font-size" in extra else ' font-size="12"')
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" {font} {extra}>{escape(text)}</text>'
 
 
 def f1_vs_gflops(points: Sequence[dict[str, Any]], title: str = "Macro F1 against GFLOPs per slide") -> str:
     """``points``: dicts with gflops, f1 (percent), series, label; series 'reference' is a star."""
-    width, height, left, right, top, bottom = 640, 400, 60, 170, 30, 50
+    width, height, left, right, top, bottom = 720, 400, 60, 230, 30, 50
     usable = [p for p in points if p.get("gflops") and p.get("f1") is not None]
     body = [_text(width / 2, 18, title, "middle", 'font-weight="bold"')]
     if not usable:
@@ -63,14 +63,21 @@ def f1_vs_gflops(points: Sequence[dict[str, Any]], title: str = "Macro F1 agains
     for i, name in enumerate(series):
         colour = "#000" if name == "reference" else COLOURS[i % len(COLOURS)]
         members = sorted((p for p in usable if p["series"] == name), key=lambda p: p["gflops"])
-        coords = [(px(math.log10(p["gflops"])), py(p["f1"])) for p in members]
-        if len(coords) > 1:
+        # One line through the mean F1 at each cost (bundles of one student differ only by precision
+        # and runtime); every bundle is a dot, and each cost is labelled once.
+        costs = sorted({p["gflops"] for p in members})
+        means = [(c, sum(p["f1"] for p in members if p["gflops"] == c) / sum(p["gflops"] == c for p in members))
+                 for c in costs]
+        if len(means) > 1:
             body.append('<polyline fill="none" stroke="{}" points="{}"/>'.format(
-                colour, " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)))
-        for (x, y), p in zip(coords, members):
-            shape = (f'<polygon points="{_star(x, y)}" fill="{colour}"/>' if name == "reference"
-                     else f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}"/>')
-            body.append(shape + _text(x + 6, y - 6, p.get("label", ""), extra='font-size="10"'))
+                colour, " ".join(f"{px(math.log10(c)):.1f},{py(f):.1f}" for c, f in means)))
+        for p in members:
+            x, y = px(math.log10(p["gflops"])), py(p["f1"])
+            body.append(f'<polygon points="{_star(x, y)}" fill="{colour}"/>' if name == "reference"
+                        else f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}" fill-opacity="0.8"/>')
+        for c, f in means:
+            label = next(p.get("label", "") for p in members if p["gflops"] == c)
+            body.append(_text(px(math.log10(c)) + 7, py(f) - 7, label, extra='font-size="10"'))
         ly = top + 16 + 18 * i
         body.append(f'<circle cx="{width - right + 16}" cy="{ly - 4}" r="4" fill="{colour}"/>'
                     + _text(width - right + 26, ly, name))
@@ -119,7 +126,7 @@ def stages(rows: Sequence[dict[str, Any]], title: str = "Where the time goes: me
     scale = (width - left - right) / peak
     body = [_text(width / 2, 18, title, "middle", 'font-weight="bold"')]
     for k, stage in enumerate(STAGES):
-        x = left + k * 60
+        x = left - 200 + k * 80
         body.append(f'<rect x="{x}" y="28" width="10" height="10" fill="{COLOURS[k % len(COLOURS)]}"/>'
                     + _text(x + 14, 37, stage, extra='font-size="10"'))
     for i, r in enumerate(rows):

@@ -100,9 +100,9 @@ def plots(results: dict[str, Any]) -> dict[str, str]:
     points = []
     for r in students:
         f1 = (r.get("accuracy") or {}).get("macro_f1")
-        if f1 and r["backend"] == _first_backend(students, r["bundle"]):
+        if f1 and r["backend"] == _first_backend(students, r["bundle"]):  # one dot per bundle
             points.append({"gflops": r["gflops_per_slide"], "f1": 100 * f1["value"], "series": r["regime"],
-                           "label": f"{r['magnification']} {r['precision']}"})
+                           "label": r["magnification"]})
     ref = results.get("reference")
     if ref and (ref.get("accuracy") or {}).get("macro_f1"):
         points.append({"gflops": ref["gflops_per_slide"], "f1": 100 * ref["accuracy"]["macro_f1"]["value"],

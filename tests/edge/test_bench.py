@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from lowmag.synthetic import Blob
 from tests.edge.conftest import edge
@@ -69,12 +70,35 @@ def test_bench_reports_every_student_on_every_runtime_against_the_reference(
     assert ref["accuracy"]["images"] == 12
 
     # Plots: SVG files the Markdown links to, and the HTML carries them inline.
+    import xml.etree.ElementTree as ElementTree
+
     for name in ("f1_vs_gflops", "latency", "stages"):
         svg = (out / "plots" / f"{name}.svg").read_text()
-        assert svg.startswith("<svg") and f"plots/{name}.svg" in report
+        assert ElementTree.fromstring(svg).tag.endswith("svg")  # well-formed: opens on its own in a browser
+        assert f"plots/{name}.svg" in report
     assert report_html_is_self_contained(out / "report.html", tables=3, figures=3)
     f1_plot = (out / "plots" / "f1_vs_gflops.svg").read_text()
     assert f1_plot.count("<circle") >= 2 + 1 and "<polygon" in f1_plot  # 2 bundles + legend; reference star
+
+
+def test_the_html_report_renders_in_chromium(onnx_bundle, slide_factory, tmp_path):
+    import pyvips
+
+    from tests.edge.browser import chromium, render
+
+    if chromium() is None:
+        pytest.skip("Debian's chromium is not installed here (.ci/run installs it)")
+    out = tmp_path / "report"
+    images = labeled_folder(tmp_path / "labeled")
+    result = edge("bench", "--models", str(onnx_bundle), "--slides", str(slide_factory()), "--images", str(images),
+                  "--mpp", "0.5", "--repeats", "1", "--warmup", "0", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    dom = render(out / "report.html", tmp_path / "shot.png")
+    assert dom.count("<table") == 2 and dom.count("<svg") == 3  # students, stages; three plots
+    assert "onnxruntime/cpu" in dom and "Macro F1 against GFLOPs" in dom
+    shot = pyvips.Image.new_from_file(str(tmp_path / "shot.png"))
+    # Something was drawn: the page is not one flat colour.
+    assert shot.width >= 1000 and shot.extract_band(0).deviate() > 5
 
 
 def report_html_is_self_contained(path, tables: int, figures: int) -> bool:
