@@ -16,16 +16,7 @@ from pathlib import Path
 
 from lowmag.edge.results import output_paths
 from lowmag.edge.status import summarise
-
-
-def write_in_pieces(source: Path, target: Path, pieces: int = 5, pause: float = 0.6) -> None:
-    data = source.read_bytes()
-    step = len(data) // pieces + 1
-    with target.open("wb") as handle:
-        for start in range(0, len(data), step):
-            handle.write(data[start:start + step])
-            handle.flush()
-            time.sleep(pause)
+from lowmag.synthetic import write_in_pieces
 
 
 def main(scans: Path, out: Path, slides: list[Path]) -> int:
@@ -34,7 +25,7 @@ def main(scans: Path, out: Path, slides: list[Path]) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         if i % 3 == 0:
             print(f"scanner: writing {target.relative_to(scans)} in pieces", flush=True)
-            write_in_pieces(source, target)
+            write_in_pieces(source, target, pieces=5, pause=0.6)
         elif i % 3 == 1:
             print(f"scanner: copying {target.relative_to(scans)} as .part, then renaming", flush=True)
             shutil.copy(source, target.with_name(target.name + ".part"))

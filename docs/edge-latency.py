@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -23,12 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from lowmag.edge.bench import machine, percentile
+
 STAGES = ("hash", "open", "tissue", "read", "resample", "inference", "write", "total")
-
-
-def p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
 
 
 def measure(slide: Path, bundle: Path, copies: int, edge: str) -> dict:
@@ -54,19 +50,9 @@ def measure(slide: Path, bundle: Path, copies: int, edge: str) -> dict:
         "slides_per_hour_wall": round(3600 * copies / wall), "tissue_pieces": len(first["tissue"]),
         "input_px": [p["input_px"] for p in first["tissue"]],
         "median_ms": {s: round(statistics.median(v), 1) for s, v in timings.items()},
-        "p90_ms": {s: round(p90(v), 1) for s, v in timings.items()},
+        "p90_ms": {s: round(percentile(v, 0.9), 1) for s, v in timings.items()},
         "label": first["result"]["label"],
     }
-
-
-def machine() -> dict:
-    from lowmag.provenance import cpu_info
-
-    import onnxruntime
-    import openvino
-
-    return {**cpu_info(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "openvino": openvino.__version__, "os": platform.platform()}
 
 
 def markdown(rows: list[dict], info: dict, command: str) -> str:

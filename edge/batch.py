@@ -88,8 +88,7 @@ class BatchReport:
 
 def run_batch(paths: list[Path], out: Path, bundle: Bundle, choice: BackendChoice, config: PipelineConfig,
               options: RunnerOptions, reprocess: bool = False,
-              install_signals: Callable[[Callable[[], None]], None] | None = None,
-              progress: bool = True) -> BatchReport:
+              install_signals: Callable[[Callable[[], None]], None] | None = None) -> BatchReport:
     """Classify the slides once (skipping those done before unless ``reprocess``)."""
     import click
 
@@ -113,8 +112,7 @@ def run_batch(paths: list[Path], out: Path, bundle: Bundle, choice: BackendChoic
             install_signals(runner.stop.set)
         started = time.perf_counter()
         total = ledger.pending()
-        with click.progressbar(length=total, label="classifying", file=None if progress else _Null(),
-                               show_pos=True) as bar:
+        with click.progressbar(length=total, label="classifying", show_pos=True) as bar:
             while not runner.stop.is_set():
                 dispatcher.fill()
                 _collect(outcomes, report, bar)
@@ -139,10 +137,3 @@ def _collect(outcomes: "queue.SimpleQueue[Outcome]", report: BatchReport, bar) -
         if outcome.status in ("done", "failed", "stale"):
             bar.update(1)
 
-
-class _Null:
-    def write(self, *args: object) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass

@@ -36,7 +36,9 @@ from lowmag.edge.backends import (
 )
 from lowmag.edge.batch import units_of
 from lowmag.edge.flops import bundle_gflops, model_gflops
-from lowmag.edge.pipeline import PipelineConfig, SlideClassifier, Timer, tile_regions, tissue_fraction
+from lowmag.edge.pipeline import (
+    PipelineConfig, SlideClassifier, Timer, pad_to, tile_regions, timed_read, tissue_fraction,
+)
 from lowmag.edge.results import write_slide_outputs
 from lowmag.errors import LowmagError
 from lowmag.reader import Region, output_size, read_at_mpp
@@ -47,6 +49,7 @@ from lowmag.tissue import locate_tissue
 logger = logging.getLogger("lowmag.edge")
 
 RESULTS_SCHEMA = "lowmag.edge.bench/1"
+WHITE = (255, 255, 255)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
@@ -269,14 +272,11 @@ def bench_reference(bundle: Bundle, choice: BackendChoice, slides: list, options
             for box in boxes:
                 size = output_size(slide, mpp, box.region)
                 for region in tile_regions(box, size, patch):
-                    seconds: dict[str, float] = {}
-                    rgb = read_at_mpp(slide, mpp, region, exact=True, timings=seconds)
-                    for stage, value in seconds.items():
-                        timer.seconds[stage] += value
+                    rgb = timed_read(slide, mpp, region, timer, exact=True)
                     if tissue_fraction(rgb, options.config.tissue.min_saturation) < options.config.min_tile_tissue:
                         continue
                     with timer.stage("inference"):
-                        logits_of(session, [_pad_to(rgb, patch)], batch_size=1)
+                        logits_of(session, [pad_to(rgb, patch, WHITE)], batch_size=1)  # as tiling tools pad edges
                     patches += 1
         return timer.ms(), {"gflops": significant(patches * gflops_per_patch), "patches": patches}
 
@@ -298,30 +298,14 @@ def bench_reference(bundle: Bundle, choice: BackendChoice, slides: list, options
     }
 
 
-def _pad_to(rgb: np.ndarray, side: int) -> np.ndarray:
-    """Edge patches are padded to the full patch size with white, as tiling tools do."""
-    h, w = rgb.shape[:2]
-    if h == side and w == side:
-        return rgb
-    out = np.full((max(h, side), max(w, side), 3), 255, np.uint8)
-    out[:h, :w] = rgb
-    return out
-
-
 # -- the whole run ---------------------------------------------------------------------
 def machine() -> dict[str, Any]:
     """CPU, cores, RAM, GPU and library versions of the machine the numbers come from."""
     from lowmag import __version__
-    from lowmag.provenance import cpu_info
+    from lowmag.provenance import cpu_info, memory_gib
 
     info: dict[str, Any] = {**cpu_info(), "python": platform.python_version(), "os": platform.platform(),
-                            "lowmag": __version__}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["ram_gib"] = round(int(line.split()[1]) / 1024 ** 2, 1)
-    except OSError:
-        pass
+                            "lowmag": __version__, "ram_gib": memory_gib()}
     from lowmag.tensorrt import current_environment
 
     info["gpu"] = current_environment().get("gpu") or "none"

@@ -115,7 +115,7 @@ class Ledger:
                     "INSERT INTO slides (path, relative, kind, size, mtime_ns, state, first_seen, queued_at) "
                     "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)", (str(path), relative, kind, size, mtime_ns, now, now))
                 return "new"
-            if row["size"] == size and row["mtime_ns"] == mtime_ns and not row["quarantined_to"]:
+            if _same_file(row, size, mtime_ns):
                 return "known"
             self.db.execute(
                 "UPDATE slides SET relative = ?, kind = ?, size = ?, mtime_ns = ?, sha256 = NULL, state = 'queued', "
@@ -129,7 +129,7 @@ class Ledger:
         """True when the ledger has this path with this size and mtime (nothing new to do)."""
         rows = self._query("SELECT size, mtime_ns, quarantined_to FROM slides WHERE path = ?", (str(path),))
         row = rows[0] if rows else None
-        return row is not None and row["size"] == size and row["mtime_ns"] == mtime_ns and not row["quarantined_to"]
+        return row is not None and _same_file(row, size, mtime_ns)
 
     def requeue(self, path: Path, states: tuple[str, ...] = ("failed",)) -> bool:
         """Queue a slide again (``edge-classify run`` retries failures; ``--reprocess`` redoes all)."""
@@ -220,3 +220,8 @@ class Ledger:
     def pending(self) -> int:
         """Slides queued or in hand."""
         return int(self._query("SELECT COUNT(*) FROM slides WHERE state IN ('queued', 'processing')")[0][0])
+
+
+def _same_file(row: sqlite3.Row, size: int, mtime_ns: int) -> bool:
+    """The ledger's row still describes the file: same size and mtime, and not moved to quarantine."""
+    return row["size"] == size and row["mtime_ns"] == mtime_ns and not row["quarantined_to"]

@@ -40,7 +40,7 @@ from lowmag.io import sha256_file
 from lowmag.reader import Region, output_size, read_at_mpp
 from lowmag.runtimes import Session, logits_of, softmax
 from lowmag.slide import Slide, SlideInfo, open_slide
-from lowmag.tissue import TissueBox, TissueParams, locate_tissue_and_overview
+from lowmag.tissue import TissueBox, TissueParams, colour_saturation, locate_tissue_and_overview
 
 #: The smallest side export-student traces graphs for (export.onnx_graph.MIN_SIDE).
 MIN_INPUT_SIDE = 16
@@ -165,10 +165,7 @@ def tile_regions(box: TissueBox, size_px: tuple[int, int], max_piece_px: int) ->
 
 def tissue_fraction(rgb: np.ndarray, min_saturation: float) -> float:
     """Share of pixels coloured enough to be stained tissue (the localiser's floor)."""
-    pixels = rgb.astype(np.float32)
-    high = pixels.max(axis=2)
-    saturation = (high - pixels.min(axis=2)) / np.maximum(high, 1.0)
-    return float((saturation > min_saturation).mean())
+    return float((colour_saturation(rgb) > min_saturation).mean())
 
 
 def shrink_to(rgb: np.ndarray, longest_side: int) -> np.ndarray:
@@ -182,12 +179,13 @@ def shrink_to(rgb: np.ndarray, longest_side: int) -> np.ndarray:
     return np.ascontiguousarray(image.numpy())
 
 
-def pad_to_min_side(rgb: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+def pad_to(rgb: np.ndarray, side: int, colour: tuple[int, int, int]) -> np.ndarray:
+    """``rgb`` extended right and down with ``colour`` to at least ``side`` x ``side``."""
     h, w = rgb.shape[:2]
-    if h >= MIN_INPUT_SIDE and w >= MIN_INPUT_SIDE:
+    if h >= side and w >= side:
         return rgb
-    out = np.empty((max(h, MIN_INPUT_SIDE), max(w, MIN_INPUT_SIDE), 3), np.uint8)
-    out[:] = np.asarray(background, np.uint8)
+    out = np.empty((max(h, side), max(w, side), 3), np.uint8)
+    out[:] = np.asarray(colour, np.uint8)
     out[:h, :w] = rgb
     return out
 
@@ -255,7 +253,7 @@ class SlideClassifier:
         for region in regions:
             if should_stop():
                 raise SlideInterrupted(f"{slide.info.path}: interrupted by shutdown; the slide goes back to the queue")
-            rgb = _read(slide, self.target_mpp, region, timer, self.config.pixel_budget)
+            rgb = timed_read(slide, self.target_mpp, region, timer, self.config.pixel_budget)
             weight = tissue_fraction(rgb, self.config.tissue.min_saturation) if len(regions) > 1 else 1.0
             if weight < self.config.min_tile_tissue:
                 if emptiest is None or weight > emptiest[0]:
@@ -271,19 +269,19 @@ class SlideClassifier:
         return PieceResult(box=box, input_px=size_px, tiles=len(regions), probabilities=merged, inputs=tuple(inputs))
 
     def _run(self, rgb: np.ndarray, slide: Slide, timer: Timer, inputs: list[tuple[int, int]]) -> np.ndarray:
-        image = pad_to_min_side(rgb, slide.info.background)
+        image = pad_to(rgb, MIN_INPUT_SIDE, slide.info.background)
         inputs.append((image.shape[1], image.shape[0]))
         with timer.stage("inference"):
             logits = logits_of(self.session, [image], batch_size=1)
         return softmax(logits[0], self.temperature)
 
 
-def _read(slide: Slide, mpp: float, region: Region | None, timer: Timer,
-          max_output_pixels: int | None = None) -> np.ndarray:
+def timed_read(slide: Slide, mpp: float, region: Region | None, timer: Timer,
+               max_output_pixels: int | None = None, exact: bool = False) -> np.ndarray:
     """``read_at_mpp`` with its decode and resample seconds added to ``timer``."""
     seconds: dict[str, float] = {}
     try:
-        return read_at_mpp(slide, mpp, region, max_output_pixels=max_output_pixels, timings=seconds)
+        return read_at_mpp(slide, mpp, region, exact=exact, max_output_pixels=max_output_pixels, timings=seconds)
     finally:
         for stage, value in seconds.items():
             timer.seconds[stage] = timer.seconds.get(stage, 0.0) + value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +42,12 @@ def summarise(out: Path, failures: int = 20) -> dict[str, Any]:
             "median_ms_per_slide": round(statistics.median(ms), 1) if ms else None,
             "slides_per_hour_between_first_and_last": round((len(finished) - 1) / span_h, 1) if span_h else None,
         },
-        "labels": _count(r["label"] for r in done),
+        "labels": dict(Counter(r["label"] for r in done).most_common()),
         "failed": [{"path": r["path"], "error": r["error"], "kind": r["error_kind"], "attempts": r["attempts"],
                     "quarantined_to": r["quarantined_to"]} for r in failed[-failures:]],
         "queued": [{"path": r["path"], "attempts": r["attempts"], "last_error": r["error"]}
                    for r in rows if r["state"] in ("queued", "processing")][:failures],
     }
-
-
-def _count(values) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def format_summary(summary: dict[str, Any]) -> str:

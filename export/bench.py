@@ -141,19 +141,12 @@ def _add_speedups(rows: list[dict[str, Any]]) -> None:
 
 
 def machine(threads: int) -> dict[str, Any]:
-    import os
-
     from lowmag.export.pipeline import tool_versions
-
-    from lowmag.provenance import cpu_info
+    from lowmag.provenance import cpu_info, memory_gib
 
     cpu = cpu_info()
-    memory = None
-    try:
-        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
-    return {"cpu": cpu["model"], "isa": cpu["isa"], "cores": cpu["cores"], "threads_used": threads, "memory_gib": memory,
+    return {"cpu": cpu["model"], "isa": cpu["isa"], "cores": cpu["cores"], "threads_used": threads,
+            "memory_gib": memory_gib(),
             "os": platform.platform(), "tools": tool_versions()}
 
 

@@ -29,6 +29,14 @@ def cpu_info() -> dict[str, object]:
     }
 
 
+def memory_gib() -> float | None:
+    """Physical memory of this machine in GiB (None where the OS does not say)."""
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        return None
+
+
 def git_sha(repo: str | Path | None = None) -> str | None:
     """The HEAD commit of the lowmag checkout (or ``repo``), with ``-dirty`` if modified.
 

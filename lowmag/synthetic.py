@@ -84,3 +84,17 @@ def default_blobs(width: int, height: int) -> list[Blob]:
         Blob(cx=int(width * 0.30), cy=int(height * 0.50), rx=int(width * 0.18), ry=int(height * 0.32)),
         Blob(cx=int(width * 0.75), cy=int(height * 0.40), rx=int(width * 0.10), ry=int(height * 0.15)),
     ]
+
+
+def write_in_pieces(source: str | Path, target: str | Path, pieces: int, pause: float) -> None:
+    """Copy ``source`` to ``target`` the way a scanner writes a slide: in ``pieces`` chunks,
+    flushed, with ``pause`` seconds between them (for watcher tests and the demo)."""
+    import time
+
+    data = Path(source).read_bytes()
+    step = len(data) // pieces + 1
+    with Path(target).open("wb") as handle:
+        for start in range(0, len(data), step):
+            handle.write(data[start:start + step])
+            handle.flush()
+            time.sleep(pause)

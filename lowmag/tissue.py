@@ -93,14 +93,18 @@ def analysis_mpp(slide: Slide, params: TissueParams = TissueParams()) -> float:
     return max(params.min_mpp, mpp_for_longest_side(slide, params.analysis_side))
 
 
+def colour_saturation(rgb: np.ndarray) -> np.ndarray:
+    """(max - min) / max of R, G, B per pixel, in 0-1 (0 for black): stain is coloured, glass grey."""
+    pixels = rgb.astype(np.float32)
+    high = pixels.max(axis=2)
+    return ((high - pixels.min(axis=2)) / np.maximum(high, 1.0)).astype(np.float32)
+
+
 def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams()) -> np.ndarray:
     """Boolean tissue mask of an RGB image at ``mpp`` (before removing small pieces)."""
     import pyvips
 
-    pixels = rgb.astype(np.float32)
-    high = pixels.max(axis=2)
-    low = pixels.min(axis=2)
-    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1.0), 0.0).astype(np.float32)
+    saturation = colour_saturation(rgb)
     sat_image = pyvips.Image.new_from_array(saturation).gaussblur(1.0, precision="float")
     saturation = sat_image.numpy().reshape(saturation.shape)
     threshold = max(_otsu(saturation), params.min_saturation)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lowmag.io import sha256_file
-from lowmag.synthetic import Blob
+from lowmag.synthetic import Blob, write_in_pieces
 from tests.edge.conftest import ledger_states, start_watch, stop, wait_for
 
 FAST = ("--settle", "1", "--threads", "1")
@@ -28,17 +28,6 @@ def done(out: Path, n: int):
     return lambda: list(ledger_states(out).values()).count("done") >= n
 
 
-def write_slowly(source: Path, target: Path, pieces: int = 4, pause: float = 0.4) -> None:
-    """Write a file the way a scanner does: in pieces, with pauses shorter than the settle time."""
-    data = source.read_bytes()
-    step = len(data) // pieces + 1
-    with target.open("wb") as handle:
-        for start in range(0, len(data), step):
-            handle.write(data[start:start + step])
-            handle.flush()
-            time.sleep(pause)
-
-
 def test_slides_written_in_pieces_are_classified_once_complete(onnx_bundle, slide_factory, tmp_path):
     scans, out = tmp_path / "scans", tmp_path / "out"
     (scans / "day1").mkdir(parents=True)
@@ -51,7 +40,8 @@ def test_slides_written_in_pieces_are_classified_once_complete(onnx_bundle, slid
         assert "already writing here" in (tmp_path / "second.log").read_text()
 
         a = slide_factory("a.tif", seed=1)
-        write_slowly(a, scans / "day1" / "a.svs")  # 1.2 s of writing, pauses under the 1 s settle
+        # 1.6 s of writing in 4 pieces, each pause under the 1 s settle time.
+        write_in_pieces(a, scans / "day1" / "a.svs", pieces=4, pause=0.4)
         assert not ledger_states(out), "a slide still being written was queued"
         # Copy tools write under a temporary name and rename when done.
         shutil.copy(slide_factory("b.tif", seed=2), scans / "b.tif.part")
