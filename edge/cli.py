@@ -6,6 +6,7 @@ months, ``status`` summarises what an output folder's ledger holds.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import shlex
@@ -80,7 +81,12 @@ def _setup(model: Path, out: Path, backend: str, device: str, threads: int | Non
 
 
 def _log_to_stderr(verbose: int) -> None:
-    """One timestamped line per slide; the root level stays as -v set it."""
+    """One timestamped line per slide; the root level stays as -v set it.
+
+    A crash inside a native library (a slide decoder, a runtime) leaves every thread's
+    Python stack in the log instead of a bare exit code.
+    """
+    faulthandler.enable(all_threads=True)
     root = logging.getLogger()
     for handler in root.handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
