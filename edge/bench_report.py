@@ -51,14 +51,14 @@ def markdown(results: dict[str, Any]) -> str:
         "percentile); slides/hour is 3600 s over the mean per-slide median.", "",
         "## Students", "",
         "![Macro F1 against GFLOPs per slide](plots/f1_vs_gflops.svg)", "",
-        "| bundle | magnification | precision | backend | MB | GFLOPs/slide | macro F1 (95% CI) | median ms | "
+        "| bundle | magnification | training | precision | backend | MB | GFLOPs/slide | macro F1 (95% CI) | median ms | "
         "p90 ms | slides/h | peak RSS MB | threads | speed-up vs reference | FLOP reduction |",
-        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["students"]:
         vs = r.get("vs_reference") or {}
         lines.append(
-            f"| {r['bundle']} | {r['magnification']} | {r['target']} {r['precision']} | {r['backend']}/{r['device']} "
+            f"| {r['bundle']} | {r['magnification']} | {r.get('regime', 'unknown')} | {r['target']} {r['precision']} | {r['backend']}/{r['device']} "
             f"| {r['bundle_bytes'] / 1e6:.3g} | {_num(r['gflops_per_slide'], '.3g')} | {_f1(r)} | {_num(r['median_ms_per_slide'])} "
             f"| {_num(r['p90_ms_per_slide'])} | {_num(r['slides_per_hour'])} | {_num(r['peak_rss_mb'])} "
             f"| {r['threads']} | {_times(vs.get('speedup_median'), '.2f')} | {_times(vs.get('flop_reduction_median'), '.1f')} |"

@@ -131,5 +131,5 @@ def test_bench_without_labels_or_reference_says_what_is_missing(onnx_bundle, sli
     assert result.returncode == 0, result.stderr
     report = (out / "report.md").read_text()
     assert "Not measured: pass --reference" in report
-    [row] = [line for line in report.splitlines() if line.startswith("| onnx | 5x | onnx fp32 | onnxruntime")]
-    assert cells(row)[6] == "–" and cells(row)[-2:] == ["–", "–"]  # macro F1, speed-up, FLOP reduction
+    [row] = [line for line in report.splitlines() if line.startswith("| onnx | 5x | unknown | onnx fp32 | onnxruntime")]
+    assert cells(row)[7] == "–" and cells(row)[-2:] == ["–", "–"]  # macro F1, speed-up, FLOP reduction
