@@ -55,7 +55,7 @@ class Step:
             return "Baseline (from scratch)"
         data = "labeled" if self.regime == LABELED else "labeled + unlabeled"
         pixel = {"both": "", "maxpool": ", max-pool only", "bicubic": ", bicubic only", "none": ", no pixel loss"}[self.pixel]
-        attention = ", + attention" if self.attention_weight else ""
+        attention = f", + attention {self.attention_weight:g}" if self.attention_weight else ""
         prefix = "Distillation + FC fine-tune" if self.phase == "finetune" else "Distillation"
         return f"{prefix} ({data}{pixel}{attention})"
 

@@ -153,3 +153,15 @@ def test_importing_report_does_not_load_matplotlib():
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_runs_that_differ_only_in_attention_weight_get_their_own_name_and_method():
+    """Two attention weights at one resolution are two rows (and two series) in the report."""
+    from lowmag.train.experiment import Step
+
+    steps = [Step("distill", "scan/4", "labeled+unlabeled", "both", w) for w in (0.0, 0.1, 1.0)]
+    assert [s.name for s in steps] == ["distill-aux-both-scan_4", "distill-aux-both-att0.1-scan_4",
+                                       "distill-aux-both-att1-scan_4"]
+    assert [s.method for s in steps] == ["Distillation (labeled + unlabeled)",
+                                         "Distillation (labeled + unlabeled, + attention 0.1)",
+                                         "Distillation (labeled + unlabeled, + attention 1)"]
