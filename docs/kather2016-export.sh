@@ -38,6 +38,18 @@ for step in distill-aux-both-scan_2 distill-aux-both-scan_4 distill-aux-both-sca
   done
 done
 
+# The other two data regimes (baseline from scratch, distilled on the labeled tiles only), as
+# OpenVINO INT8 only: edge-classify bench draws one macro-F1-against-GFLOPs curve per regime.
+for step in baseline-scan_2 baseline-scan_4 baseline-scan_8 \
+            distill-labeled-both-scan_2 distill-labeled-both-scan_4 distill-labeled-both-scan_8; do
+  out="$BUNDLES/$step-openvino-int8"
+  echo "== $out" >&2
+  export-student "$RUN/steps/$step" --target openvino --precision int8 --out "$out" --force \
+    --calibration "$SPLITS/unlabeled" --calibration-mpp 0.495 \
+    --eval-images "$SPLITS/test" --val-images "$SPLITS/val" --mpp 0.495 --center-crop 144 \
+    2>&1 | tee "$out.log" || echo "export refused: see $out.log" >&2
+done
+
 # The teacher at full resolution (0.495 µm/px): the conventional reference of edge-classify bench.
 out="$BUNDLES/teacher-scan-onnx-fp32"
 export-student "$RUN/steps/teacher-scan" --target onnx --precision fp32 --out "$out" --force \
@@ -72,14 +84,16 @@ Path(sys.argv[2]).write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
 
-# Speed on this machine: every bundle next to PyTorch eager on its source checkpoint.
-[ -n "${SKIP_BENCH:-}" ] || export-student bench "$BUNDLES"/*-fp32 "$BUNDLES"/*-int8 "$BUNDLES"/*-int8s8 --out "$DOCS"
+# Speed on this machine: the labeled+unlabeled students next to PyTorch eager on their checkpoints.
+[ -n "${SKIP_BENCH:-}" ] || export-student bench "$BUNDLES"/distill-aux-both-*-fp32 "$BUNDLES"/distill-aux-both-*-int8 \
+  "$BUNDLES"/distill-aux-both-*-int8s8 --out "$DOCS"
 
 # The students on real slides next to the conventional 20x reference (docs/edge-bench).
 S=../shared/data/slides
 B=$BUNDLES/distill-aux-both-scan
 [ -n "${SKIP_BENCH:-}" ] || edge-classify bench --models "${B}_2-openvino-int8" --models "${B}_4-openvino-int8" \
   --models "${B}_4-onnx-int8" --models "${B}_4-onnx-fp32" --models "${B}_8-openvino-int8" --models "${B}_8-onnx-int8" \
+  $(for s in baseline-scan distill-labeled-both-scan; do for f in 2 4 8; do echo --models "$BUNDLES/${s}_$f-openvino-int8"; done; done) \
   --slides "$S/aperio/CMU-1-Small-Region.svs" --slides "$S/generic-tiff/CMU-1-Small-Region-pyramid.tif" \
   --slides "$S/dicom/CMU-1-Small-Region" --images "$SPLITS/test" --mpp 0.495 --center-crop 144 \
   --reference "$BUNDLES/teacher-scan-onnx-fp32" --repeats 3 --out docs/edge-bench
