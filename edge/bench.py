@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from lowmag.bundle import Bundle, load_bundle
 from lowmag.edge.backends import (
     BackendChoice, choose_backend, open_session, openvino_gpu_available, ort_cuda_available, tensorrt_available,
@@ -41,7 +39,7 @@ from lowmag.edge.pipeline import (
 )
 from lowmag.edge.results import write_slide_outputs
 from lowmag.errors import LowmagError
-from lowmag.reader import Region, output_size, read_at_mpp
+from lowmag.reader import output_size
 from lowmag.runtimes import RuntimeUnavailableError, logits_of
 from lowmag.slide import open_slide
 from lowmag.tissue import locate_tissue
@@ -50,7 +48,6 @@ logger = logging.getLogger("lowmag.edge")
 
 RESULTS_SCHEMA = "lowmag.edge.bench/1"
 WHITE = (255, 255, 255)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -216,38 +213,19 @@ def training_regime(bundle: Bundle) -> str:
 
 
 # -- accuracy on labeled images --------------------------------------------------------
-def labeled_images(folder: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
-    """(image, class index) for every image in ``folder/<class>/``; unknown folders are errors."""
-    subfolders = sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
-    unknown = [p.name for p in subfolders if p.name not in classes]
-    if unknown or not subfolders:
-        raise LowmagError(
-            f"{folder}: expected one subfolder per class of the bundle ({', '.join(classes)}); "
-            f"found {', '.join(p.name for p in subfolders) or 'none'}.")
-    return [(image, classes.index(sub.name)) for sub in subfolders for image in sorted(sub.iterdir())
-            if image.suffix.lower() in IMAGE_SUFFIXES]
-
-
-def read_labeled(path: Path, mpp: float, target_mpp: float, center_crop: int | None) -> np.ndarray:
-    with open_slide(path, assume_mpp=mpp) as slide:
-        region = None
-        if center_crop:
-            w, h = slide.info.width, slide.info.height
-            side_w, side_h = min(center_crop, w), min(center_crop, h)
-            region = Region((w - side_w) // 2, (h - side_h) // 2, side_w, side_h)
-        return read_at_mpp(slide, target_mpp, region)
-
-
 def labeled_accuracy(bundle: Bundle, session, options: BenchOptions) -> dict[str, Any]:
+    """Macro F1 on a labeled class folder, read as the export gate and training read it."""
+    from lowmag.labeled import scan_image_folder
     from lowmag.metrics import classification_metrics
 
     if options.images_mpp is None:
         raise LowmagError("--images needs --mpp: the µm/px of the labeled images.")
-    items = labeled_images(options.images, bundle.spec.classes)
-    images = [read_labeled(p, options.images_mpp, bundle.spec.target_mpp, options.center_crop) for p, _ in items]
+    _, items = scan_image_folder(options.images, scan_mpp=options.images_mpp, classes=bundle.spec.classes,
+                                 crop_px=options.center_crop, require_all_classes=False)
+    images = [item.read(bundle.spec.target_mpp) for item in items]
     logits = logits_of(session, images, batch_size=32)
-    metrics = classification_metrics([label for _, label in items], logits.argmax(1), bundle.spec.classes,
-                                      n_bootstrap=2000)
+    metrics = classification_metrics([item.label for item in items], logits.argmax(1), bundle.spec.classes,
+                                     n_bootstrap=2000)
     return {"images": len(items), **{k: metrics[k] for k in ("accuracy", "macro_f1") if k in metrics}}
 
 

@@ -99,7 +99,7 @@ def _preflight(checkpoint: Path, out: Path, options: ExportOptions) -> None:
 def _read_labeled(folder: Path, mpp: float, classes: Sequence[str], crop: int | None, target_mpp: float,
                   progress: bool) -> tuple[list[np.ndarray], np.ndarray]:
     """A labeled class-folder read at the model's µm/px with the core reader (as in training)."""
-    from lowmag.train.data import scan_image_folder
+    from lowmag.labeled import scan_image_folder
 
     _, items = scan_image_folder(folder, scan_mpp=mpp, classes=classes, crop_px=crop, require_all_classes=False)
     images = [item.read(target_mpp) for item in _progress(items, progress, f"reading {folder.name} at {target_mpp:g} µm/px")]

@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lowmag.errors import LowmagError
+from lowmag.labeled import Item
 from lowmag.reader import PREPROCESSING_VERSION
-from lowmag.train.data import Item
 
 log = logging.getLogger(__name__)
 

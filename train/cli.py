@@ -202,12 +202,12 @@ def evaluate(checkpoint: Path, images: Path, mpp: float, out: Path | None, cente
     import tempfile
 
     from lowmag.io import atomic_write_text
+    from lowmag.labeled import scan_image_folder
+    from lowmag.metrics import format_metrics_table
     from lowmag.train.cache import build_cache_with_progress
     from lowmag.train.checkpoint import load_checkpoint
     from lowmag.train.config import RuntimeConfig
-    from lowmag.train.data import scan_image_folder
     from lowmag.train.engine import make_runtime
-    from lowmag.metrics import format_metrics_table
     from lowmag.train.phases import evaluate_model
 
     configure_logging(verbose)

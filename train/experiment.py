@@ -16,11 +16,12 @@ from pathlib import Path
 
 from lowmag.errors import LowmagError
 from lowmag.io import atomic_write_text
+from lowmag.labeled import Item, scan_image_folder
 from lowmag.resolution import Resolution
 from lowmag.spec import ModelSpec, Normalization, new_provenance
 from lowmag.train.cache import PixelCache, build_cache, build_cache_with_progress, channel_stats
 from lowmag.train.config import ExperimentConfig
-from lowmag.train.data import Item, describe, scan_image_folder, scan_slide_list, split_by_group
+from lowmag.train.data import describe, scan_slide_list, split_by_group
 from lowmag.train.engine import Runtime
 
 log = logging.getLogger(__name__)

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from lowmag.errors import LowmagError, SpecError
+from lowmag.labeled import Item, scan_image_folder
 from lowmag.reader import Region, read_at_mpp
 from lowmag.slide import open_slide
 from lowmag.train import augment
 from lowmag.train.augment import AugmentConfig, AugmentParams
 from lowmag.train.cache import build_cache, channel_stats
 from lowmag.train.config import load_config
-from lowmag.train.data import Item, scan_image_folder, split_by_group
+from lowmag.train.data import split_by_group
 
 REPO = Path(__file__).resolve().parents[2]
 

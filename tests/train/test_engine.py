@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from lowmag.labeled import scan_image_folder
 from lowmag.spec import Normalization
 from lowmag.train.cache import build_cache
 from lowmag.train.config import PhaseConfig, RuntimeConfig
-from lowmag.train.data import scan_image_folder
 from lowmag.train.datasets import MultiResolutionDataset
 from lowmag.train.engine import fit, make_runtime
 from lowmag.train.models import build_model
