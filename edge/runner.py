@@ -27,7 +27,7 @@ from lowmag.edge.results import CSV_NAME, append_csv, csv_row, output_paths, wri
 from lowmag.edge.scan import SlideUnit
 from lowmag.errors import (
     ImplausibleMppError, LowmagError, MissingMppError, SlideError, SlideReadError, SlideTooLargeError,
-    UnsupportedSlideError,
+    UnsupportedSlideError, without_path,
 )
 from lowmag.runtimes import RuntimeUnavailableError
 
@@ -55,12 +55,6 @@ class Outcome:
     confidence: float = 0.0
     ms: float = 0.0
     error: str = ""
-
-
-def without_path(message: str, path: str | Path) -> str:
-    """An error message without the leading 'PATH: ' our errors start with (for lines that name it)."""
-    prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
 
 
 def error_kind(error: BaseException) -> str:

@@ -10,8 +10,7 @@ from typing import Any
 
 from lowmag.edge.ledger import LEDGER_NAME, Ledger
 from lowmag.edge.lock import holder
-from lowmag.edge.runner import without_path
-from lowmag.errors import LowmagError
+from lowmag.errors import LowmagError, without_path
 
 
 def summarise(out: Path, failures: int = 20) -> dict[str, Any]:

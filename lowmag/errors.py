@@ -9,6 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def without_path(message: str, path: str | Path) -> str:
+    """``message`` without the leading ``PATH: `` these errors start with (for lines that already name it)."""
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
 class LowmagError(Exception):
     """Base of every error lowmag raises on purpose (bad input, refused files)."""
 
