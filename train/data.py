@@ -1,8 +1,9 @@
 """Training data: what the items are, how they are split, and where they come from.
 
 An :class:`~lowmag.labeled.Item` is one image the models see: a whole image file, a centre
-crop of one (class folders: :mod:`lowmag.labeled`), or a tissue piece of a slide. Every item carries a *group* (tiles cut from one source crop,
-pieces of one slide) so that splits never put correlated images on both sides.
+crop of one (class folders: :mod:`lowmag.labeled`), or a tissue piece of a slide. Every
+item carries a *group* (tiles cut from one source crop, pieces of one slide) so that splits
+never put correlated images on both sides.
 Pixels are produced by the core reader (``lowmag.reader.read_at_mpp``) and cached on disk
 by :mod:`lowmag.train.cache`; this module is torch-free.
 """
