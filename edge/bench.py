@@ -154,6 +154,20 @@ def time_slides(run: Run, slides: list, warmup: int, repeats: int,
     return rows
 
 
+def per_slide_summary(per_slide: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median latency, slides per hour, mean GFLOPs and median stage times over the slides."""
+    if not per_slide:
+        return {"median_ms_per_slide": None, "slides_per_hour": None, "gflops_per_slide": None, "stages_ms": {}}
+    medians = [row["median_ms"] for row in per_slide]
+    return {
+        "median_ms_per_slide": round(statistics.median(medians), 1),
+        "slides_per_hour": round(3600_000 / statistics.mean(medians)),
+        "gflops_per_slide": significant(statistics.mean(r["gflops"] for r in per_slide)),
+        "stages_ms": {k: round(statistics.median(r["stages_ms"][k] for r in per_slide), 1)
+                      for k in per_slide[0]["stages_ms"]},
+    }
+
+
 def bench_student(bundle: Bundle, choice: BackendChoice, slides: list, options: BenchOptions,
                   progress: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """One bundle on one runtime: latency, stages, GFLOPs, memory, and accuracy when labeled."""
@@ -173,7 +187,6 @@ def bench_student(bundle: Bundle, choice: BackendChoice, slides: list, options: 
     with tempfile.TemporaryDirectory(prefix="lowmag-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
         per_slide = time_slides(run, slides, options.warmup, options.repeats, progress)
-    medians = [row["median_ms"] for row in per_slide]
     row = {
         "bundle": bundle.directory.name, "path": str(bundle.directory), "target": bundle.target,
         "regime": training_regime(bundle),
@@ -181,12 +194,8 @@ def bench_student(bundle: Bundle, choice: BackendChoice, slides: list, options: 
         "mpp": bundle.spec.target_mpp, "backend": choice.backend, "device": choice.device,
         "threads": options.threads or _default_threads(), "bundle_bytes": bundle_bytes(bundle),
         "slides": per_slide,
-        "median_ms_per_slide": round(statistics.median(medians), 1) if medians else None,
         "p90_ms_per_slide": round(percentile([r["p90_ms"] for r in per_slide], 0.9), 1) if per_slide else None,
-        "slides_per_hour": round(3600_000 / statistics.mean(medians)) if medians else None,
-        "gflops_per_slide": significant(statistics.mean(r["gflops"] for r in per_slide)) if per_slide else None,
-        "stages_ms": {k: round(statistics.median(r["stages_ms"][k] for r in per_slide), 1)
-                      for k in (per_slide[0]["stages_ms"] if per_slide else {})},
+        **per_slide_summary(per_slide),
     }
     if options.images is not None:
         row["accuracy"] = labeled_accuracy(bundle, session, options)
@@ -259,7 +268,6 @@ def bench_reference(bundle: Bundle, choice: BackendChoice, slides: list, options
         return timer.ms(), {"gflops": significant(patches * gflops_per_patch), "patches": patches}
 
     per_slide = time_slides(run, slides, options.warmup, options.repeats, progress)
-    medians = [row["median_ms"] for row in per_slide]
     accuracy = labeled_accuracy(bundle, session, options) if options.images is not None else None
     return {
         "accuracy": accuracy,
@@ -267,11 +275,7 @@ def bench_reference(bundle: Bundle, choice: BackendChoice, slides: list, options
         "mpp": mpp, "patch_px": patch, "backend": choice.backend, "device": choice.device,
         "threads": options.threads or _default_threads(), "bundle_bytes": bundle_bytes(bundle),
         "gflops_per_patch": significant(gflops_per_patch), "slides": per_slide,
-        "median_ms_per_slide": round(statistics.median(medians), 1),
-        "slides_per_hour": round(3600_000 / statistics.mean(medians)),
-        "gflops_per_slide": significant(statistics.mean(r["gflops"] for r in per_slide)),
-        "stages_ms": {k: round(statistics.median(r["stages_ms"][k] for r in per_slide), 1)
-                      for k in per_slide[0]["stages_ms"]},
+        **per_slide_summary(per_slide),
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -309,8 +313,8 @@ def run_bench(models: Sequence[Path], slide_paths: Sequence[Path], options: Benc
         except LowmagError as error:
             logger.warning("not benchmarked: %s", error)
     if not readable:
-        raise LowmagError(f"none of {', '.join(map(str, slide_paths))} holds a slide that opens; "
-                          "give slides with a pixel size (or --assume-mpp).")
+        raise LowmagError(f"none of {', '.join(map(str, slide_paths))} holds a slide that opens; give slides "
+                          "with a pixel size in their metadata (the warnings above give each one's reason).")
     bundles = [load_bundle(m) for m in models]
     plan = [(b, c) for b in bundles for c in runnable(b, options.backends)]
     reference = load_bundle(options.reference) if options.reference else None
