@@ -6,6 +6,7 @@ months, ``status`` summarises what an output folder's ledger holds.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
@@ -204,7 +205,7 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--max-piece-px", type=click.IntRange(min=16), default=2048, show_default=True)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Report folder: results.json and report.md.")
+              help="Report folder: results.json, report.md, report.html and plots/.")
 @click.pass_context
 @handle_errors
 def bench_command(ctx: click.Context, models: tuple[Path, ...], slides: tuple[Path, ...], images: Path | None,
@@ -212,7 +213,7 @@ def bench_command(ctx: click.Context, models: tuple[Path, ...], slides: tuple[Pa
                   backends: tuple[str, ...], repeats: int, warmup: int, threads: int | None, max_piece_px: int,
                   out: Path) -> None:
     """What each student costs and how well it classifies on this machine, next to the
-    conventional 20x reference, as results.json and report.md in --out."""
+    conventional 20x reference, as results.json, report.md and report.html in --out."""
     from lowmag.edge.bench import BenchOptions, run_bench
     from lowmag.edge.bench_report import write_report
     from lowmag.edge.pipeline import PipelineConfig
@@ -223,19 +224,13 @@ def bench_command(ctx: click.Context, models: tuple[Path, ...], slides: tuple[Pa
     options = BenchOptions(repeats=repeats, warmup=warmup, threads=threads, backends=backends, images=images,
                            images_mpp=images_mpp, center_crop=center_crop, reference=reference,
                            reference_mpp=reference_mpp, config=PipelineConfig(max_piece_px=max_piece_px))
-    bars = []
+    with contextlib.ExitStack() as bars:
+        def progress(total: int) -> Callable[[], None]:
+            bar = bars.enter_context(click.progressbar(length=total, label="benchmarking (slide x runtime)",
+                                                       file=click.get_text_stream("stderr")))
+            return lambda: bar.update(1)
 
-    def progress(total: int):
-        bar = click.progressbar(length=total, label="benchmarking (slide x runtime)", file=click.get_text_stream("stderr"))
-        bar.__enter__()
-        bars.append(bar)
-        return lambda: bar.update(1)
-
-    try:
         results = run_bench(models, slides, options, progress)
-    finally:
-        for bar in bars:
-            bar.__exit__(None, None, None)
     results["command"] = "edge-classify " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
     for path in write_report(results, out):
         click.echo(f"wrote {path}")
