@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,6 +40,7 @@ from lowmag.edge.pipeline import (
 )
 from lowmag.edge.results import write_slide_outputs
 from lowmag.errors import LowmagError
+from lowmag.labeled import Item, scan_image_folder
 from lowmag.reader import output_size
 from lowmag.runtimes import RuntimeUnavailableError, logits_of
 from lowmag.slide import open_slide
@@ -222,15 +224,25 @@ def training_regime(bundle: Bundle) -> str:
 
 
 # -- accuracy on labeled images --------------------------------------------------------
-def labeled_accuracy(bundle: Bundle, session, options: BenchOptions) -> dict[str, Any]:
-    """Macro F1 on a labeled class folder, read as the export gate and training read it."""
-    from lowmag.labeled import scan_image_folder
-    from lowmag.metrics import classification_metrics
-
+def labeled_items(bundle: Bundle, options: BenchOptions) -> tuple[Item, ...]:
+    """The labeled images in the bundle's class order; ``run_bench`` calls this before any
+    timing, so a wrong folder fails at once rather than after the benchmark."""
     if options.images_mpp is None:
         raise LowmagError("--images needs --mpp: the µm/px of the labeled images.")
-    _, items = scan_image_folder(options.images, scan_mpp=options.images_mpp, classes=bundle.spec.classes,
-                                 crop_px=options.center_crop, require_all_classes=False)
+    return _scan_labeled(options.images, options.images_mpp, bundle.spec.classes, options.center_crop)
+
+
+@lru_cache(maxsize=8)
+def _scan_labeled(folder: Path, mpp: float, classes: tuple[str, ...], crop: int | None) -> tuple[Item, ...]:
+    _, items = scan_image_folder(folder, scan_mpp=mpp, classes=classes, crop_px=crop, require_all_classes=False)
+    return tuple(items)
+
+
+def labeled_accuracy(bundle: Bundle, session, options: BenchOptions) -> dict[str, Any]:
+    """Macro F1 on a labeled class folder, read as the export gate and training read it."""
+    from lowmag.metrics import classification_metrics
+
+    items = labeled_items(bundle, options)
     images = [item.read(bundle.spec.target_mpp) for item in items]
     logits = logits_of(session, images, batch_size=32)
     metrics = classification_metrics([item.label for item in items], logits.argmax(1), bundle.spec.classes,
@@ -319,6 +331,9 @@ def run_bench(models: Sequence[Path], slide_paths: Sequence[Path], options: Benc
     plan = [(b, c) for b in bundles for c in runnable(b, options.backends)]
     reference = load_bundle(options.reference) if options.reference else None
     reference_choice = choose_backend(reference) if reference else None
+    if options.images is not None:  # a wrong labeled folder fails now, not after the timings
+        for bundle in bundles + ([reference] if reference else []):
+            labeled_items(bundle, options)
     total = len(readable) * (len(plan) + (1 if reference else 0))
     tick = progress(total) if progress else (lambda: None)
     started = time.time()

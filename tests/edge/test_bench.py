@@ -133,3 +133,16 @@ def test_bench_without_labels_or_reference_says_what_is_missing(onnx_bundle, sli
     assert "Not measured: pass --reference" in report
     [row] = [line for line in report.splitlines() if line.startswith("| onnx | 5x | unknown | onnx fp32 | onnxruntime")]
     assert cells(row)[7] == "–" and cells(row)[-2:] == ["–", "–"]  # macro F1, speed-up, FLOP reduction
+
+
+def test_a_labeled_folder_that_does_not_fit_the_bundle_fails_before_any_timing(onnx_bundle, slide_factory,
+                                                                               tmp_path):
+    images = tmp_path / "labeled"
+    for name in ("pink", "glass", "bone"):  # "bone" is not a class of the bundle
+        (images / name).mkdir(parents=True)
+    out = tmp_path / "report"
+    result = edge("bench", "--models", str(onnx_bundle), "--slides", str(slide_factory()), "--images", str(images),
+                  "--mpp", "0.5", "--repeats", "1", "--warmup", "0", "--out", str(out))
+    assert result.returncode == 1
+    assert f"{images}: subfolders ['bone'] are not classes of this model" in result.stderr
+    assert "benchmarking" not in result.stderr and not out.exists()  # nothing was timed or written
