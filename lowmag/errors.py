@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lowmag.names import shown
+
 
 def without_path(message: str, path: str | Path) -> str:
     """``message`` without the leading ``PATH: `` these errors start with (for lines that already name it)."""
-    prefix = f"{path}: "
+    prefix = f"{shown(path)}: "
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
@@ -26,7 +28,7 @@ class SlideError(LowmagError):
         self.path = Path(path)
         self.reason = reason
         self.fix = fix
-        message = f"{self.path}: {reason}"
+        message = f"{shown(self.path)}: {reason}"
         if fix:
             message += f" Fix: {fix}"
         super().__init__(message)
@@ -50,6 +52,10 @@ class ImplausibleMppError(SlideError):
 
 class SlideTooLargeError(SlideError):
     """Reading the requested region would exceed a configured pixel budget."""
+
+
+class Interrupted(LowmagError):
+    """A stop was asked for while a slide was being read; nothing was written for it."""
 
 
 class CalibrationError(LowmagError):

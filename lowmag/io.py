@@ -12,7 +12,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 
 def current_umask() -> int:
@@ -21,6 +21,9 @@ def current_umask() -> int:
     os.umask(mask)
     return mask
 
+
+#: Temporary files of atomic writes: ``.lowmag-XXXXXXXX.tmp`` beside the final file.
+TEMP_PREFIX = ".lowmag-"
 
 #: mkstemp creates files readable by their owner only; final files get the usual mode.
 _FILE_MODE = 0o666 & ~current_umask()
@@ -32,7 +35,8 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     binary = "b" in mode
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A short name of its own: ".<name>.XXXX.tmp" would pass the 255-byte limit for long names.
+    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp_name, _FILE_MODE)
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as handle:
@@ -86,4 +90,17 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_fd(fd: int, should_stop: Callable[[], bool] = lambda: False, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of an open file from its start; returns early (any value) once ``should_stop``."""
+    digest = hashlib.sha256()
+    offset = 0
+    while not should_stop():
+        chunk = os.pread(fd, chunk_size, offset)
+        if not chunk:
+            break
+        digest.update(chunk)
+        offset += len(chunk)
     return digest.hexdigest()

@@ -9,11 +9,18 @@ How it reads (``PREPROCESSING_VERSION`` names this recipe in every model spec):
    target (levels within 1% of the target count as matching), or level 0 when
    ``exact=True`` (the paper's protocol: resample from the original resolution).
 2. Box-average by an integer factor ``k = floor(f / 2)``, where ``f`` is the remaining
-   downsampling factor, in horizontal stripes so memory stays bounded however large the
-   region. This is what libvips itself does before a large Lanczos reduction (its
-   "reducing gap"); doing it explicitly makes the result independent of stripe size.
+   downsampling factor, in blocks of at most ``stripe_pixels`` source pixels (whole-width
+   stripes, or k-row strips cut into columns when the level is very wide) so memory stays
+   bounded however large the region. This is what libvips itself does before a large
+   Lanczos reduction (its "reducing gap"); doing it explicitly makes the result
+   independent of block size.
 3. Resample the rest of the way (a factor below 4) with libvips Lanczos3 to exactly
    ``round(size_um / target_mpp)`` pixels on each axis.
+
+A header's declared size is a claim: before any pixel is decoded, the source pixels a
+read needs are checked against ``max_source_pixels`` (``SlideTooLargeError`` names the
+level and the fix), and ``should_stop`` is asked before every block, so a stop never
+waits for a whole slide to decode.
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator, MutableMapping
+from typing import Callable, Iterator, MutableMapping
 
 import numpy as np
 
-from lowmag.errors import SlideReadError, SlideTooLargeError
+from lowmag.errors import Interrupted, SlideReadError, SlideTooLargeError
+from lowmag.names import shown
 from lowmag.resolution import Resolution
 from lowmag.slide import Slide
 
@@ -41,6 +49,13 @@ PYRAMID_MISMATCH_LIMIT = 20.0
 
 #: Largest block of source pixels held in memory at once while reading.
 DEFAULT_STRIPE_PIXELS = 16 * 1024 * 1024
+
+#: Most source pixels one read may decode unless the caller says otherwise (about 1 G:
+#: seconds of decoding, never memory: blocks bound that).
+DEFAULT_MAX_SOURCE_PIXELS = 1 << 30
+
+#: The pyramid check never reads a window larger than this side at the finer level.
+PYRAMID_CHECK_MAX_FINE_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,8 @@ def read_at_mpp(
     max_output_pixels: int | None = None,
     stripe_pixels: int = DEFAULT_STRIPE_PIXELS,
     timings: MutableMapping[str, float] | None = None,
+    max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
+    should_stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """RGB uint8 array (H, W, 3) of the slide (or a level-0 ``region``) at ``target``.
 
@@ -104,16 +121,47 @@ def read_at_mpp(
     ``max_output_pixels`` refuses reads whose result would be larger (``SlideTooLargeError``).
     ``timings``, when given, accumulates seconds spent decoding the slide (``read``) and
     box-averaging plus Lanczos (``resample``), for the edge runner's per-stage times.
+    ``max_source_pixels`` refuses a read that would decode more source pixels than that
+    (the pyramid check's windows included); ``should_stop`` is asked before each block and
+    raises ``Interrupted`` when it returns True.
     """
     started = time.perf_counter()
     decode = [0.0]
+    budget = _Budget(max_source_pixels, should_stop, stripe_pixels)
     try:
-        return _read_at_mpp(slide, target, region, exact, max_output_pixels, stripe_pixels, decode)
+        return _read_at_mpp(slide, target, region, exact, max_output_pixels, budget, decode)
     finally:
         if timings is not None:
             total = time.perf_counter() - started
             timings["read"] = timings.get("read", 0.0) + decode[0]
             timings["resample"] = timings.get("resample", 0.0) + max(0.0, total - decode[0])
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """What one read may do: decode at most ``pixels`` source pixels, in blocks of at most
+    ``block_pixels``, asking ``should_stop`` before each block."""
+
+    pixels: int
+    should_stop: Callable[[], bool] | None
+    block_pixels: int = DEFAULT_STRIPE_PIXELS
+
+    def check_stop(self, slide: Slide) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Interrupted(f"{shown(slide.info.path)}: reading was interrupted by a stop")
+
+    def check_size(self, slide: Slide, level: int, width: int, height: int, what: str) -> None:
+        if width * height > self.pixels:
+            info = slide.info
+            coarsest = info.levels[-1]
+            raise SlideTooLargeError(
+                info.path,
+                f"{what} would decode {width:,} x {height:,} = {width * height:,} pixels from pyramid level "
+                f"{level} (its coarsest level is {coarsest.width:,} x {coarsest.height:,}), more than the budget of "
+                f"{self.pixels:,}.",
+                "give the slide a pyramid (vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg) or "
+                "raise the pixel budget (edge-classify --pixel-budget).",
+            )
 
 
 def _read_at_mpp(
@@ -122,7 +170,7 @@ def _read_at_mpp(
     region: Region | None,
     exact: bool,
     max_output_pixels: int | None,
-    stripe_pixels: int,
+    budget: _Budget,
     decode: list[float],
 ) -> np.ndarray:
     target_mpp = resolve_target_mpp(slide, target)
@@ -140,12 +188,12 @@ def _read_at_mpp(
 
     if not exact:
         tick = time.perf_counter()
-        verify_pyramid(slide)
+        verify_pyramid(slide, budget)
         decode[0] += time.perf_counter() - tick
     while True:
         level = info.levels[0 if exact else choose_level(slide, target_mpp)]
         try:
-            return _read_from_level(slide, level.index, region, out_w, out_h, stripe_pixels, decode)
+            return _read_from_level(slide, level.index, region, out_w, out_h, budget, decode, "reading it")
         except SlideReadError as error:
             # Some files have pyramid levels OpenSlide cannot decode (e.g. DICOM series
             # whose edge frames are not padded to the tile size): fall back to finer levels.
@@ -155,8 +203,8 @@ def _read_at_mpp(
 
 
 def _read_from_level(
-    slide: Slide, level_index: int, region: Region, out_w: int, out_h: int, stripe_pixels: int,
-    decode: list[float] | None = None,
+    slide: Slide, level_index: int, region: Region, out_w: int, out_h: int, budget: _Budget,
+    decode: list[float] | None = None, what: str = "reading it",
 ) -> np.ndarray:
     level = slide.info.levels[level_index]
     # The region in source-level pixels (sub-pixel offsets at coarse levels are dropped).
@@ -164,15 +212,16 @@ def _read_from_level(
     ly = int(math.floor(region.y / level.downsample))
     lw = max(1, int(math.ceil((region.x + region.width) / level.downsample)) - lx)
     lh = max(1, int(math.ceil((region.y + region.height) / level.downsample)) - ly)
+    budget.check_size(slide, level_index, lw, lh, what)
 
     factor = min(lw / out_w, lh / out_h)
     k = max(1, int(factor // 2))
     decode = decode if decode is not None else [0.0]
-    shrunk = _read_box_shrunk(slide, level_index, lx, ly, lw, lh, k, stripe_pixels, decode)
+    shrunk = _read_box_shrunk(slide, level_index, lx, ly, lw, lh, k, budget, decode)
     return _lanczos_to(shrunk, out_w, out_h)
 
 
-def verify_pyramid(slide: Slide) -> frozenset[int]:
+def verify_pyramid(slide: Slide, budget: _Budget | None = None) -> frozenset[int]:
     """Check, once per open slide, that each coarser level shows what the finer ones do.
 
     Some files carry pyramid levels that decode to wrong pixels without any error (a
@@ -181,16 +230,24 @@ def verify_pyramid(slide: Slide) -> frozenset[int]:
     already-verified finer level on three windows, as 16 x 16 block means; a level whose
     median mean-absolute difference exceeds ``PYRAMID_MISMATCH_LIMIT`` (0-255 scale), or
     that cannot be decoded, is marked unreadable and reads fall back to finer levels.
-    Returns the unreadable levels.
+    The windows shrink so the finer level's never exceeds ``PYRAMID_CHECK_MAX_FINE_SIDE``
+    pixels a side; a level too far from the finer one to be checked that way (a downsample
+    jump over 512) is not used. Returns the unreadable levels.
     """
     if slide.pyramid_verified:
         return slide.unreadable_levels
+    budget = budget or _Budget(DEFAULT_MAX_SOURCE_PIXELS, None)
     info = slide.info
     reference = info.levels[0]
     for level in info.levels[1:]:
         if level.index in slide.unreadable_levels:
             continue
-        side = min(PYRAMID_CHECK_WINDOW, level.width, level.height)
+        ratio = level.downsample / reference.downsample
+        side = min(PYRAMID_CHECK_WINDOW, level.width, level.height, int(PYRAMID_CHECK_MAX_FINE_SIDE / ratio))
+        if side < 4:
+            slide.mark_level_unreadable(level.index, ValueError(
+                f"it is {ratio:.0f}x coarser than level {reference.index}, too far apart to check"))
+            continue
         summary = max(1, min(16, side))
         w0 = min(info.width, int(round(side * level.downsample)))
         h0 = min(info.height, int(round(side * level.downsample)))
@@ -200,12 +257,14 @@ def verify_pyramid(slide: Slide) -> frozenset[int]:
             y = int(max(0, min(info.height - h0, fy * info.height - h0 / 2)))
             window = Region(x, y, w0, h0)
             try:
-                coarse = _read_from_level(slide, level.index, window, summary, summary, DEFAULT_STRIPE_PIXELS)
+                coarse = _read_from_level(slide, level.index, window, summary, summary, budget,
+                                          what="checking its pyramid")
             except SlideReadError as error:
                 slide.mark_level_unreadable(level.index, error.__cause__ or error)
                 break
             # A failure at the reference level is not this level's fault: it propagates.
-            fine = _read_from_level(slide, reference.index, window, summary, summary, DEFAULT_STRIPE_PIXELS)
+            fine = _read_from_level(slide, reference.index, window, summary, summary, budget,
+                                    what="checking its pyramid")
             differences.append(float(np.abs(coarse.astype(np.float32) - fine).mean()))
         if level.index in slide.unreadable_levels:
             continue
@@ -236,38 +295,41 @@ def resolve_target_mpp(slide: Slide, target: float | Resolution | str) -> float:
     return value
 
 
-def _stripes(height: int, width: int, k: int, stripe_pixels: int) -> Iterator[tuple[int, int]]:
-    rows = max(k, (max(1, stripe_pixels // max(width, 1)) // k) * k)
+def _blocks(height: int, width: int, k: int, block_pixels: int) -> Iterator[tuple[int, int, int, int]]:
+    """(top, rows, left, columns) of source blocks, each a multiple of k on both sides and
+    at most ``block_pixels`` (or one k x k block): whole-width stripes when k rows of the
+    width fit, else k-row strips cut into columns."""
+    if width * k <= block_pixels:
+        rows = max(k, (max(1, block_pixels // max(width, 1)) // k) * k)
+        columns = width
+    else:
+        rows = k
+        columns = max(k, (block_pixels // k // k) * k)
     for top in range(0, height, rows):
-        yield top, min(rows, height - top)
+        for left in range(0, width, columns):
+            yield top, min(rows, height - top), left, min(columns, width - left)
 
 
 def _read_box_shrunk(
-    slide: Slide, level: int, lx: int, ly: int, lw: int, lh: int, k: int, stripe_pixels: int, decode: list[float]
+    slide: Slide, level: int, lx: int, ly: int, lw: int, lh: int, k: int, budget: _Budget, decode: list[float]
 ) -> np.ndarray:
-    """Read a level region stripe by stripe, box-averaging each k x k block."""
-
-    def read(x: int, y: int, w: int, h: int) -> np.ndarray:
+    """Read a level region block by block, box-averaging each k x k square."""
+    out_w, out_h = lw // k, lh // k
+    if out_w == 0 or out_h == 0:  # k <= factor / 2 keeps this from happening
+        raise ValueError(f"region {lw}x{lh} is smaller than the {k}x{k} box")
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    for top, rows, left, columns in _blocks(out_h * k, out_w * k, k, budget.block_pixels):
+        budget.check_stop(slide)
         tick = time.perf_counter()
         try:
-            return slide.read_region(level, x, y, w, h)
+            block = slide.read_region(level, lx + left, ly + top, columns, rows)
         finally:
             decode[0] += time.perf_counter() - tick
-
-    if k == 1:
-        parts = [read(lx, ly + top, lw, rows) for top, rows in _stripes(lh, lw, 1, stripe_pixels)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-    out_w = lw // k
-    parts = []
-    for top, rows in _stripes(lh, lw, k, stripe_pixels):
-        usable = (rows // k) * k
-        if usable == 0:
-            continue
-        block = read(lx, ly + top, out_w * k, usable)
-        shrunk = block.reshape(usable // k, k, out_w, k, 3).mean(axis=(1, 3), dtype=np.float32)
-        parts.append(np.clip(np.rint(shrunk), 0, 255).astype(np.uint8))
-    # k <= factor / 2 <= lh / 2, so the first stripe always holds at least one block row.
-    return np.concatenate(parts, axis=0)
+        if k > 1:
+            shrunk = block.reshape(rows // k, k, columns // k, k, 3).mean(axis=(1, 3), dtype=np.float32)
+            block = np.clip(np.rint(shrunk), 0, 255).astype(np.uint8)
+        out[top // k:(top + rows) // k, left // k:(left + columns) // k] = block
+    return out
 
 
 def _lanczos_to(pixels: np.ndarray, out_w: int, out_h: int) -> np.ndarray:

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 #: Extensions read as plain images (single level) when OpenSlide does not claim them.
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 
+#: No glass slide is larger than this on a side (standard 75 x 25 mm, large format 75 x 50,
+#: whole-mount 127 x 102); a header declaring more is a damaged or hostile file.
+MAX_SLIDE_SIDE_MM = 160.0
+
 _ASSUME_MPP_FIX = (
     "if you know the scan's resolution, pass it with --assume-mpp (µm per pixel at full "
     "resolution, e.g. --assume-mpp 0.25 for a 40x scan, 0.5 for 20x)."
@@ -222,6 +226,9 @@ def open_slide(path: str | Path, *, assume_mpp: float | None = None) -> Slide:
     if not path.exists():
         raise UnsupportedSlideError(path, "no such file or folder.", "check the path.")
     target = _resolve_dicom_folder(path) if path.is_dir() else path
+    if target.stat().st_size == 0:
+        raise UnsupportedSlideError(path, "is empty (0 bytes): the scan or the copy did not complete.",
+                                    "write the slide again; a new file under this name is picked up by itself.")
 
     import openslide  # imported here so `import lowmag` stays light
 
@@ -233,6 +240,7 @@ def open_slide(path: str | Path, *, assume_mpp: float | None = None) -> Slide:
         try:
             handle = openslide.OpenSlide(str(target))
         except Exception as exc:
+            _raise_if_truncated(path, target, exc)
             raise UnsupportedSlideError(
                 path,
                 f"OpenSlide recognised a {vendor} file but cannot open it ({exc}).",
@@ -240,11 +248,13 @@ def open_slide(path: str | Path, *, assume_mpp: float | None = None) -> Slide:
             ) from exc
         try:
             info = _openslide_info(path, handle, vendor, assume_mpp)
+            check_geometry(info)
         except BaseException:
             handle.close()
             raise
         return OpenSlideSlide(path, target, handle, info)
 
+    _raise_if_truncated(path, target, None)
     if target.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
         return _open_plain_image(path, target, assume_mpp)
     raise UnsupportedSlideError(
@@ -252,6 +262,16 @@ def open_slide(path: str | Path, *, assume_mpp: float | None = None) -> Slide:
         "not a slide format OpenSlide reads, nor a plain image (PNG, JPEG, TIFF).",
         "convert it to a tiled pyramidal TIFF or open it with the scanner vendor's software.",
     )
+
+
+def _raise_if_truncated(path: Path, target: Path, cause: BaseException | None) -> None:
+    """A file cut short says so (a copy that stopped early), instead of "unknown format"."""
+    from lowmag.truncation import truncation_problem
+
+    problem = truncation_problem(target)
+    if problem is not None:
+        raise SlideReadError(path, f"{problem}: the scan or the copy did not complete.",
+                             "copy the slide again; a new file under this name is picked up by itself.") from cause
 
 
 def _resolve_dicom_folder(folder: Path) -> Path:
@@ -385,4 +405,18 @@ def _open_plain_image(path: Path, target: Path, assume_mpp: float | None) -> Sli
         mpp_source=source,
         objective_power=None,
     )
+    check_geometry(info)
     return PlainImageSlide(path, image, info)
+
+
+def check_geometry(info: SlideInfo) -> None:
+    """Refuse a slide whose declared size no glass slide has (before any pixel is read)."""
+    width_mm, height_mm = info.width * info.mpp_x / 1000.0, info.height * info.mpp_y / 1000.0
+    if max(width_mm, height_mm) > MAX_SLIDE_SIDE_MM:
+        raise UnsupportedSlideError(
+            info.path,
+            f"declares {info.width:,} x {info.height:,} pixels at {info.mpp:.4g} µm/px, that is {width_mm:,.0f} x "
+            f"{height_mm:,.0f} mm, larger than any glass slide (at most {MAX_SLIDE_SIDE_MM:g} mm a side): the file "
+            "is damaged or not a slide, or its µm/px is wrong.",
+            "re-export it from the scanner; if the µm/px is wrong, pass the right one with --assume-mpp.",
+        )

@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from lowmag.reader import Region, mpp_for_longest_side, read_at_mpp
+from lowmag.reader import DEFAULT_MAX_SOURCE_PIXELS, Region, mpp_for_longest_side, read_at_mpp
 from lowmag.slide import Slide
 
 logger = logging.getLogger(__name__)
@@ -123,16 +123,19 @@ def locate_tissue(slide: Slide, params: TissueParams = TissueParams()) -> list[T
     return locate_tissue_and_overview(slide, params)[0]
 
 
-def locate_tissue_and_overview(slide: Slide, params: TissueParams = TissueParams()) -> tuple[list[TissueBox], np.ndarray]:
+def locate_tissue_and_overview(slide: Slide, params: TissueParams = TissueParams(),
+                               max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
+                               should_stop: Callable[[], bool] | None = None) -> tuple[list[TissueBox], np.ndarray]:
     """The tissue boxes and the low-resolution image of the whole slide they were found on.
 
     The edge runner draws its thumbnail on that image instead of reading the slide again.
+    The overview read is bounded like any other (``read_at_mpp``'s ``max_source_pixels``).
     """
     import pyvips
 
     info = slide.info
     mpp = analysis_mpp(slide, params)
-    rgb = read_at_mpp(slide, mpp)
+    rgb = read_at_mpp(slide, mpp, max_source_pixels=max_source_pixels, should_stop=should_stop)
     mask = tissue_mask(rgb, mpp, params)
     if not mask.any():
         return [], rgb

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lowmag.errors import SlideTooLargeError
+from lowmag.errors import Interrupted, SlideTooLargeError, UnsupportedSlideError
 from lowmag.reader import Region, choose_level, output_size, read_at_mpp
 from lowmag.resolution import Resolution
 from lowmag.slide import open_slide
@@ -77,3 +77,53 @@ def test_relative_resolution_uses_the_scan(synthetic_slide):
     with open_slide(synthetic_slide) as slide:
         pixels = read_at_mpp(slide, "scan/8")
     assert pixels.shape[:2] == (SYNTHETIC_SIZE[1] // 8, SYNTHETIC_SIZE[0] // 8)
+
+
+class RecordingSlide:
+    """Wraps an open slide and records the size of every block it is asked to decode."""
+
+    def __init__(self, slide) -> None:
+        self._slide = slide
+        self.blocks: list[tuple[int, int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._slide, name)
+
+    def read_region(self, level, x, y, width, height):
+        self.blocks.append((width, height))
+        return self._slide.read_region(level, x, y, width, height)
+
+
+def test_every_block_a_read_decodes_is_bounded_even_for_a_very_wide_region(synthetic_slide):
+    with open_slide(synthetic_slide) as slide:
+        whole = read_at_mpp(slide, 8.0, exact=True)
+        recording = RecordingSlide(slide)
+        # k = 8 rows of the 2048 px width would exceed 4096 px: k-row strips are cut into columns.
+        bounded = read_at_mpp(recording, 8.0, exact=True, stripe_pixels=4096)
+    assert max(w * h for w, h in recording.blocks) <= 4096
+    assert len(recording.blocks) > 100
+    assert np.array_equal(whole, bounded)  # the block size never changes the pixels
+
+
+def test_a_read_refuses_to_decode_more_than_its_budget_and_stops_when_asked(synthetic_slide):
+    with open_slide(synthetic_slide) as slide:
+        with pytest.raises(SlideTooLargeError, match="would decode 2,048 x 1,536 = 3,145,728 pixels from pyramid "
+                                                     "level 0.*give the slide a pyramid"):
+            read_at_mpp(slide, 1.0, exact=True, max_source_pixels=1_000_000)
+        asked = []
+
+        def stop_after_three() -> bool:
+            asked.append(1)
+            return len(asked) > 3
+
+        with pytest.raises(Interrupted):
+            read_at_mpp(slide, 1.0, exact=True, stripe_pixels=4096, should_stop=stop_after_three)
+    assert len(asked) == 4
+
+
+def test_a_slide_declaring_a_size_no_glass_slide_has_is_refused_on_opening(tmp_path):
+    from tests.hostile import write_huge_header_tiff
+
+    path = write_huge_header_tiff(tmp_path / "huge.tif")
+    with pytest.raises(UnsupportedSlideError, match="500 x 500 mm, larger than any glass slide"):
+        open_slide(path)
