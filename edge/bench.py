@@ -316,7 +316,7 @@ def machine() -> dict[str, Any]:
 def run_bench(models: Sequence[Path], slide_paths: Sequence[Path], options: BenchOptions,
               progress: Callable[[int], Callable[[], None]] | None = None) -> dict[str, Any]:
     """Benchmark every bundle on every runtime here, and the reference; plain-data results."""
-    slides = units_of(list(slide_paths))
+    slides = [unit for unit in units_of(list(slide_paths)) if not unit.skipped]
     readable = []
     for unit in slides:  # slides that cannot be classified are reported, not benchmarked
         try:

@@ -111,6 +111,21 @@ def _on_signals(handler: Callable[[], None]) -> None:
     signal.signal(signal.SIGINT, handle)
 
 
+def _exit_if_stuck(stuck: list, timeout: float, max_attempts: int) -> None:
+    """Slides still in hand after the stop's timeout (a decode or inference call that cannot
+    be interrupted): exit now, *holding* the output lock until the process is gone, so no
+    second process claims them while this one still works on them. They stay 'processing':
+    the next start counts the attempt, and one that outlasts every stop ends failed."""
+    if not stuck:
+        return
+    for job in stuck:
+        logger.warning("still classifying %s after %g s; exiting without it: the next start tries it again "
+                       "(attempt %d of %d)", job.shown, timeout, job.attempts + 1, max_attempts)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
+
+
 @main.command("run")
 @click.argument("slides", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @_engine_options
@@ -133,6 +148,7 @@ def run_command(ctx: click.Context, slides: tuple[Path, ...], reprocess: bool, r
     report = run_batch(list(slides), kwargs["out"], bundle, choice, config, options, reprocess=reprocess,
                        install_signals=_on_signals)
     click.echo(report.summary())
+    _exit_if_stuck(report.stuck, 60.0, options.max_attempts)
     if report.failed:
         raise click.ClickException(f"{report.failed} of {report.total} slide(s) failed; "
                                    f"see edge-classify status --out {kwargs['out']}")
@@ -161,7 +177,7 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
     Stop it with SIGTERM or Ctrl-C: slides in hand finish (or go back to the queue), and a
     restart resumes where it stopped. One watcher per --out folder.
     """
-    from lowmag.edge.batch import open_output
+    from lowmag.edge.batch import open_output, wait_until_writable
     from lowmag.edge.runner import EdgeRunner
     from lowmag.edge.watcher import Watcher, WatchOptions
 
@@ -170,6 +186,7 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
     if out.resolve() == scans.resolve():
         raise click.UsageError("--out must not be the watched folder itself; use a folder beside it.")
     bundle, choice, config, options = _setup(retry_delay_s=retry_delay, **kwargs)
+    wait_until_writable(out)
     with open_output(out, options.max_attempts) as ledger:
         runner = EdgeRunner(out, ledger, bundle, choice, config, options)
         runner.check_backend()
@@ -179,7 +196,8 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
                                                       shutdown_timeout_s=shutdown_timeout), exclude=exclude)
         _on_signals(watcher.request_stop)
         started = time.time()
-        watcher.run()
+        stuck = watcher.run()
+        _exit_if_stuck(stuck, shutdown_timeout, options.max_attempts)
         logger.info("stopped after %.0f s; %s", time.time() - started, ledger.counts())
 
 

@@ -1,43 +1,67 @@
 """The ledger: a SQLite database (WAL) of every slide edge-classify has seen, in ``OUT/ledger.sqlite``.
 
-One row per slide path: its size, mtime and content hash, its state (``queued``,
-``processing``, ``done``, ``failed``), attempts, last error, and the result. The state
-changes are single transactions, so after a crash or a power cut the ledger is as it was
-at the last committed change:
+One row per slide, keyed by its path below the *resolved* watched folder, as the exact
+bytes of its name (so ``scans``, ``/abs/scans`` and a link to it are one folder, a slide
+named by ``run`` and found by ``watch`` is one slide, and a name that is not UTF-8 is a
+key like any other). Each row holds the
+slide's identity (size, mtime, and a digest of every file's size, mtime, inode and
+ctime), its content hash, its state (``queued``, ``processing``, ``done``, ``failed``, or
+``skipped`` for an entry that is no slide), attempts, last error, and the result. The
+state changes are single transactions, so after a crash or a power cut the ledger is as
+it was at the last committed change:
 
 - a slide left ``processing`` by a dead process goes back to ``queued`` when the next
   instance starts (its attempt is kept; one that keeps killing the process ends ``failed``);
 - ``done`` is committed only after the result files are in place, so a result that exists
   for a ``queued`` slide is replaced, never trusted;
 - a slide whose size or mtime changed (a new file under the same name) gets a new
-  ``version`` and is queued again.
+  ``version`` and is queued again; one whose size and mtime are the same but whose inode or
+  ctime changed (a copy that kept the mtime, a ``chmod``) is queued for a *recheck*: its
+  content hash decides whether it is classified again or keeps its outcome.
 
 The watcher's lock (``lock.py``) ensures one writer; ``status`` reads concurrently.
+Version 1 ledgers (keyed by the path as typed) are migrated in place on first open.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import re
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+from lowmag.errors import LowmagError
+from lowmag.names import from_raw, printable, raw, shown
+
+if TYPE_CHECKING:
+    from lowmag.edge.scan import Signature, SlideUnit
+
+logger = logging.getLogger("lowmag.edge")
 
 LEDGER_NAME = "ledger.sqlite"
-SCHEMA_VERSION = 1
-STATES = ("queued", "processing", "done", "failed")
+SCHEMA_VERSION = 2
+STATES = ("queued", "processing", "done", "failed", "skipped")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS slides (
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS slides (
     id INTEGER PRIMARY KEY,
-    path TEXT NOT NULL UNIQUE,
-    relative TEXT NOT NULL,
+    key BLOB NOT NULL UNIQUE,
+    root BLOB NOT NULL,
+    relative BLOB NOT NULL,
+    path TEXT NOT NULL,
     kind TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
+    identity TEXT,
     sha256 TEXT,
-    state TEXT NOT NULL CHECK (state IN ('queued', 'processing', 'done', 'failed')),
+    state TEXT NOT NULL CHECK (state IN ('queued', 'processing', 'done', 'failed', 'skipped')),
+    recheck TEXT,
     version INTEGER NOT NULL DEFAULT 1,
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
@@ -53,9 +77,20 @@ CREATE TABLE IF NOT EXISTS slides (
     ms REAL,
     result TEXT,
     quarantined_to TEXT
-);
-CREATE INDEX IF NOT EXISTS slides_state ON slides (state, retry_after, queued_at);
-"""
+)""",
+    "CREATE INDEX IF NOT EXISTS slides_state ON slides (state, retry_after, queued_at)",
+)
+
+#: Resets a row to a fresh queued version (its file was replaced).
+_REQUEUE_AS_NEW = (
+    "state = 'queued', version = version + 1, attempts = 0, error = NULL, error_kind = NULL, retry_after = NULL, "
+    "started_at = NULL, finished_at = NULL, label = NULL, confidence = NULL, needs_review = NULL, ms = NULL, "
+    "result = NULL, quarantined_to = NULL, recheck = NULL, sha256 = NULL"
+)
+
+
+class LedgerVersionError(LowmagError):
+    """The ledger was written by a newer lowmag."""
 
 
 @dataclass(frozen=True)
@@ -64,11 +99,31 @@ class Job:
 
     id: int
     path: Path
+    root: Path
     relative: str
     kind: str
     version: int
     attempts: int
+    #: The content hash recorded before (for a recheck, what the file must still hash to).
     sha256: str | None
+    #: The outcome to restore when a recheck finds the same content ('done' or 'failed').
+    recheck: str | None = None
+    #: Why its previous attempt ended ('output', 'interrupted', 'transient'...), if it did.
+    last_error_kind: str | None = None
+
+    @property
+    def shown(self) -> str:
+        return shown(self.path)
+
+
+def identity_of(signature: "Signature") -> str:
+    """A digest of every file's name, size, mtime, inode and ctime."""
+    return hashlib.sha256(repr(signature).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def key_of(unit: "SlideUnit") -> bytes:
+    """The ledger's key of a unit: its path below the resolved folder, as bytes."""
+    return raw(unit.root / unit.relative)
 
 
 class Ledger:
@@ -85,9 +140,27 @@ class Ledger:
             self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")  # a committed 'done' survives power loss
-            self.db.executescript(_SCHEMA)
-            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._create_or_migrate()
         self.db.row_factory = sqlite3.Row
+
+    def _create_or_migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LedgerVersionError(f"{shown(self.path)}: written by a newer lowmag (ledger schema {version}, this "
+                                     f"one reads up to {SCHEMA_VERSION}). Fix: upgrade lowmag, or use a new --out.")
+        has_table = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'slides'").fetchone() is not None
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if has_table and version < 2:
+                _migrate_v1(self.db, self.path)
+            else:
+                for statement in _SCHEMA:
+                    self.db.execute(statement)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -104,58 +177,107 @@ class Ledger:
             return self.db.execute(sql, args).rowcount
 
     # -- discovery ----------------------------------------------------------------
-    def enqueue(self, path: Path, relative: str, kind: str, size: int, mtime_ns: int) -> str:
-        """Record a complete slide; returns 'new', 'replaced' or 'known' (nothing to do)."""
+    def enqueue(self, unit: "SlideUnit", signature: "Signature") -> str:
+        """Record a complete slide; returns 'new', 'known' (nothing to do), 'replaced' (a new
+        file: classify again) or 'recheck' (same size and mtime, other inode or ctime: the
+        content hash decides)."""
+        from lowmag.edge.scan import mtime_of, size_of
+
+        size, mtime, identity = size_of(signature), mtime_of(signature), identity_of(signature)
         now = time.time()
+        key, root, relative = key_of(unit), raw(unit.root), raw(unit.relative)
         with self._lock:
-            row = self.db.execute("SELECT id, size, mtime_ns, quarantined_to FROM slides WHERE path = ?",
-                                  (str(path),)).fetchone()
+            row = self.db.execute("SELECT * FROM slides WHERE key = ?", (key,)).fetchone()
             if row is None:
                 self.db.execute(
-                    "INSERT INTO slides (path, relative, kind, size, mtime_ns, state, first_seen, queued_at) "
-                    "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)", (str(path), relative, kind, size, mtime_ns, now, now))
+                    "INSERT INTO slides (key, root, relative, path, kind, size, mtime_ns, identity, state, "
+                    "first_seen, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                    (key, root, relative, shown(unit.path), unit.kind, size, mtime, identity, now, now))
                 return "new"
-            if _same_file(row, size, mtime_ns):
+            same_stat = row["size"] == size and row["mtime_ns"] == mtime and row["kind"] == unit.kind
+            if same_stat and not row["quarantined_to"] and row["identity"] in (identity, None):
+                if row["identity"] is None:  # a migrated row: it learns its full identity now
+                    self.db.execute("UPDATE slides SET identity = ? WHERE id = ?", (identity, row["id"]))
                 return "known"
+            if same_stat and row["state"] in ("done", "failed") and row["sha256"] and not row["quarantined_to"]:
+                self.db.execute(
+                    "UPDATE slides SET identity = ?, state = 'queued', recheck = ?, version = version + 1, "
+                    "attempts = 0, retry_after = NULL, queued_at = ?, started_at = NULL WHERE id = ?",
+                    (identity, row["state"], now, row["id"]))
+                return "recheck"
             self.db.execute(
-                "UPDATE slides SET relative = ?, kind = ?, size = ?, mtime_ns = ?, sha256 = NULL, state = 'queued', "
-                "version = version + 1, attempts = 0, error = NULL, error_kind = NULL, retry_after = NULL, "
-                "queued_at = ?, started_at = NULL, finished_at = NULL, label = NULL, confidence = NULL, "
-                "needs_review = NULL, ms = NULL, result = NULL, quarantined_to = NULL WHERE id = ?",
-                (relative, kind, size, mtime_ns, now, row["id"]))
+                f"UPDATE slides SET {_REQUEUE_AS_NEW}, root = ?, relative = ?, path = ?, kind = ?, size = ?, "
+                "mtime_ns = ?, identity = ?, queued_at = ? WHERE id = ?",
+                (root, relative, shown(unit.path), unit.kind, size, mtime, identity, now, row["id"]))
             return "replaced"
 
-    def unchanged(self, path: Path, size: int, mtime_ns: int) -> bool:
-        """True when the ledger has this path with this size and mtime (nothing new to do)."""
-        rows = self._query("SELECT size, mtime_ns, quarantined_to FROM slides WHERE path = ?", (str(path),))
-        row = rows[0] if rows else None
-        return row is not None and _same_file(row, size, mtime_ns)
+    def record_skipped(self, unit: "SlideUnit", signature: "Signature", reason: str) -> str:
+        """Record an entry that is no slide, once; returns 'new', 'known' or 'replaced' (it was
+        something else before: its outputs, if any, are stale)."""
+        from lowmag.edge.scan import mtime_of, size_of
 
-    def requeue(self, path: Path, states: tuple[str, ...] = ("failed",)) -> bool:
+        size, mtime, identity = size_of(signature), mtime_of(signature), identity_of(signature)
+        now = time.time()
+        key, root, relative = key_of(unit), raw(unit.root), raw(unit.relative)
+        reason = printable(reason)
+        with self._lock:
+            row = self.db.execute("SELECT id, identity, state FROM slides WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                self.db.execute(
+                    "INSERT INTO slides (key, root, relative, path, kind, size, mtime_ns, identity, state, error, "
+                    "error_kind, first_seen, finished_at) VALUES (?, ?, ?, ?, 'skipped', ?, ?, ?, 'skipped', ?, "
+                    "'skipped', ?, ?)",
+                    (key, root, relative, shown(unit.path), size, mtime, identity, reason, now, now))
+                return "new"
+            if row["identity"] == identity and row["state"] == "skipped":
+                return "known"
+            self.db.execute(
+                f"UPDATE slides SET {_REQUEUE_AS_NEW}, state = 'skipped', kind = 'skipped', root = ?, relative = ?, "
+                "size = ?, mtime_ns = ?, identity = ?, error = ?, error_kind = 'skipped', finished_at = ? WHERE id = ?",
+                (root, relative, size, mtime, identity, reason, now, row["id"]))
+            return "replaced"
+
+    def unchanged(self, unit: "SlideUnit", signature: "Signature") -> bool:
+        """True when the ledger has this slide with this identity (nothing new to do)."""
+        from lowmag.edge.scan import mtime_of, size_of
+
+        rows = self._query("SELECT size, mtime_ns, identity, quarantined_to, kind FROM slides WHERE key = ?",
+                           (key_of(unit),))
+        if not rows or rows[0]["quarantined_to"] or rows[0]["kind"] != unit.kind:
+            return False
+        row = rows[0]
+        if row["identity"] is None:
+            return row["size"] == size_of(signature) and row["mtime_ns"] == mtime_of(signature)
+        return row["identity"] == identity_of(signature)
+
+    def requeue(self, unit: "SlideUnit", states: tuple[str, ...] = ("failed",)) -> bool:
         """Queue a slide again (``edge-classify run`` retries failures; ``--reprocess`` redoes all)."""
         marks = ",".join("?" * len(states))
         changed = self._write(
             f"UPDATE slides SET state = 'queued', attempts = 0, error = NULL, error_kind = NULL, retry_after = NULL, "
-            f"queued_at = ? WHERE path = ? AND state IN ({marks})", (time.time(), str(path), *states))
+            f"recheck = NULL, queued_at = ? WHERE key = ? AND state IN ({marks})", (time.time(), key_of(unit), *states))
         return changed > 0
 
     # -- processing -----------------------------------------------------------------
-    def recover(self, max_attempts: int) -> tuple[int, int]:
+    def recover(self, max_attempts: int) -> tuple[int, list[Job]]:
         """After a crash: 'processing' rows go back to the queue, or fail after too many tries.
 
-        Returns (requeued, failed).
+        Returns (how many were requeued, the jobs that failed now: they need a CSV row).
         """
         now = time.time()
         with self._lock:
-            failed = self.db.execute(
-                "UPDATE slides SET state = 'failed', error_kind = 'interrupted', finished_at = ?, "
+            stuck = self.db.execute("SELECT * FROM slides WHERE state = 'processing' AND attempts >= ?",
+                                    (max_attempts,)).fetchall()
+            self.db.execute(
+                "UPDATE slides SET state = 'failed', error_kind = 'interrupted', finished_at = ?, recheck = NULL, "
                 "error = 'the process stopped while classifying this slide ' || attempts || ' times "
-                "(crash, kill or power loss); it is not retried automatically' "
-                "WHERE state = 'processing' AND attempts >= ?", (now, max_attempts)).rowcount
+                "(crash, kill, power loss, or a stop that outlasted --shutdown-timeout); it is not retried "
+                "automatically (edge-classify run retries it)' "
+                "WHERE state = 'processing' AND attempts >= ?", (now, max_attempts))
             requeued = self.db.execute(
                 "UPDATE slides SET state = 'queued', queued_at = ?, started_at = NULL WHERE state = 'processing'",
                 (now,)).rowcount
-        return requeued, failed
+        return requeued, [_job(row) for row in stuck]
 
     def claim(self) -> Job | None:
         """The oldest queued slide that is due, now marked 'processing' (attempts + 1)."""
@@ -169,42 +291,68 @@ class Ledger:
             self.db.execute(
                 "UPDATE slides SET state = 'processing', attempts = attempts + 1, started_at = ? WHERE id = ?",
                 (now, row["id"]))
-        return Job(row["id"], Path(row["path"]), row["relative"], row["kind"], row["version"],
-                   row["attempts"] + 1, row["sha256"])
+        return _job(row, attempts=row["attempts"] + 1)
 
     def is_current(self, job: Job) -> bool:
         """False once the slide was replaced by a new file (its result would be stale)."""
         rows = self._query("SELECT version FROM slides WHERE id = ?", (job.id,))
         return bool(rows) and rows[0]["version"] == job.version
 
-    def release(self, job: Job) -> None:
-        """Give a slide back to the queue without counting the attempt (clean shutdown)."""
-        self._write("UPDATE slides SET state = 'queued', attempts = MAX(0, attempts - 1), started_at = NULL "
-                      "WHERE id = ? AND version = ? AND state = 'processing'", (job.id, job.version))
+    def release(self, job: Job, kind: str = "output") -> None:
+        """Give a slide back to the queue without counting the attempt (its outputs could not
+        be written: a problem of the output folder, not of the slide)."""
+        self._write("UPDATE slides SET state = 'queued', attempts = MAX(0, attempts - 1), started_at = NULL, "
+                    "error_kind = ?, error = 'waiting: the output folder could not be written' "
+                    "WHERE id = ? AND version = ? AND state = 'processing'", (kind, job.id, job.version))
+
+    def interrupted(self, job: Job, max_attempts: int) -> str:
+        """A stop interrupted the slide: it counts as an attempt, so a slide that outlasts every
+        stop ends 'failed' instead of looping. Returns the new state."""
+        now = time.time()
+        if job.attempts >= max_attempts:
+            self._write("UPDATE slides SET state = 'failed', error_kind = 'interrupted', finished_at = ?, "
+                        "recheck = NULL, error = ? WHERE id = ? AND version = ? AND state = 'processing'",
+                        (now, f"a stop interrupted the classification of this slide {job.attempts} times; it "
+                         "is not retried automatically (edge-classify run retries it)", job.id, job.version))
+            return "failed"
+        self._write("UPDATE slides SET state = 'queued', started_at = NULL, queued_at = ?, error_kind = 'interrupted', "
+                    "error = 'interrupted by a stop' WHERE id = ? AND version = ? AND state = 'processing'",
+                    (now, job.id, job.version))
+        return "queued"
+
+    def restore(self, job: Job) -> bool:
+        """A recheck found the same content: the slide keeps its earlier outcome."""
+        return self._write("UPDATE slides SET state = recheck, recheck = NULL, attempts = 0 "
+                           "WHERE id = ? AND version = ? AND recheck IS NOT NULL", (job.id, job.version)) > 0
 
     def done(self, job: Job, sha256: str, label: str, confidence: float, needs_review: bool, ms: float,
              result: str) -> bool:
         """Record a result; False when the slide was replaced meanwhile (the result is stale)."""
         changed = self._write(
             "UPDATE slides SET state = 'done', sha256 = ?, label = ?, confidence = ?, needs_review = ?, ms = ?, "
-            "result = ?, finished_at = ?, error = NULL, error_kind = NULL WHERE id = ? AND version = ?",
-            (sha256, label, confidence, int(needs_review), ms, result, time.time(), job.id, job.version))
+            "result = ?, finished_at = ?, error = NULL, error_kind = NULL, recheck = NULL "
+            "WHERE id = ? AND version = ?",
+            (sha256, label, confidence, int(needs_review), ms, printable(result), time.time(), job.id, job.version))
         return changed > 0
 
-    def failed(self, job: Job, error: str, kind: str, retry_in: float | None, sha256: str | None = None) -> None:
-        """Record a failure; with ``retry_in`` seconds the slide is queued again after that delay."""
+    def failed(self, job: Job, error: str, kind: str, retry_in: float | None, sha256: str | None = None) -> bool:
+        """Record a failure; with ``retry_in`` seconds the slide is queued again after that delay.
+
+        Returns False when the slide was replaced meanwhile (the failure is stale).
+        """
         now = time.time()
+        error = printable(error)
         if retry_in is not None:
-            self._write("UPDATE slides SET state = 'queued', error = ?, error_kind = ?, retry_after = ?, "
-                          "queued_at = ?, sha256 = COALESCE(?, sha256) WHERE id = ? AND version = ?",
-                          (error, kind, now + retry_in, now, sha256, job.id, job.version))
-        else:
-            self._write("UPDATE slides SET state = 'failed', error = ?, error_kind = ?, finished_at = ?, "
-                          "sha256 = COALESCE(?, sha256) WHERE id = ? AND version = ?",
-                          (error, kind, now, sha256, job.id, job.version))
+            return self._write("UPDATE slides SET state = 'queued', error = ?, error_kind = ?, retry_after = ?, "
+                               "queued_at = ?, sha256 = COALESCE(?, sha256) WHERE id = ? AND version = ?",
+                               (error, kind, now + retry_in, now, sha256, job.id, job.version)) > 0
+        return self._write("UPDATE slides SET state = 'failed', error = ?, error_kind = ?, finished_at = ?, "
+                           "recheck = NULL, label = NULL, confidence = NULL, needs_review = NULL, result = NULL, "
+                           "sha256 = COALESCE(?, sha256) WHERE id = ? AND version = ?",
+                           (error, kind, now, sha256, job.id, job.version)) > 0
 
     def quarantined(self, job: Job, destination: Path) -> None:
-        self._write("UPDATE slides SET quarantined_to = ? WHERE id = ?", (str(destination), job.id))
+        self._write("UPDATE slides SET quarantined_to = ? WHERE id = ?", (shown(destination), job.id))
 
     # -- reporting ------------------------------------------------------------------
     def rows(self, state: str | None = None) -> Iterator[sqlite3.Row]:
@@ -222,6 +370,53 @@ class Ledger:
         return int(self._query("SELECT COUNT(*) FROM slides WHERE state IN ('queued', 'processing')")[0][0])
 
 
-def _same_file(row: sqlite3.Row, size: int, mtime_ns: int) -> bool:
-    """The ledger's row still describes the file: same size and mtime, and not moved to quarantine."""
-    return row["size"] == size and row["mtime_ns"] == mtime_ns and not row["quarantined_to"]
+def _job(row: sqlite3.Row, attempts: int | None = None) -> Job:
+    root, relative = from_raw(row["root"]), os.fsdecode(bytes(row["relative"]))
+    return Job(row["id"], root / relative, root, relative, row["kind"], row["version"],
+               row["attempts"] if attempts is None else attempts, row["sha256"], row["recheck"], row["error_kind"])
+
+
+#: Failures of version 1 that were the output folder's fault (a full disk), not the slide's.
+_OUTPUT_SIDE_ERRORS = re.compile(r"\[Errno (28|122)\]|No space left on device|Disk quota exceeded")
+_RANK = {"done": 3, "failed": 2, "processing": 1, "queued": 1}
+
+
+def _migrate_v1(db: sqlite3.Connection, path: Path) -> None:
+    """Version 1 keyed rows by the path as typed: the same slide under ``scans`` and
+    ``/abs/scans`` had two rows. Re-key by the resolved folder, keep the most final row of
+    each slide, and queue again slides that failed only because the output disk was full."""
+    db.row_factory = sqlite3.Row
+    rows = db.execute("SELECT * FROM slides ORDER BY id").fetchall()
+    db.execute("ALTER TABLE slides RENAME TO slides_v1")
+    db.execute("DROP INDEX IF EXISTS slides_state")
+    for statement in _SCHEMA:
+        db.execute(statement)
+    best: dict[bytes, tuple[bytes, bytes, sqlite3.Row]] = {}
+    for row in rows:
+        relative = row["relative"]
+        typed = row["path"]
+        root = Path(os.path.realpath(typed[: -len(relative) - 1] if typed.endswith("/" + relative)
+                                     else os.path.dirname(typed)))
+        key = raw(root / relative)
+        kept = best.get(key, (b"", b"", None))[2]
+        if kept is None or (_RANK[row["state"]], row["finished_at"] or 0) >= (_RANK[kept["state"]],
+                                                                              kept["finished_at"] or 0):
+            best[key] = (raw(root), raw(relative), row)
+    requeued = 0
+    for key, (root, relative, row) in best.items():
+        state, attempts, error = row["state"], row["attempts"], row["error"]
+        if state == "failed" and error and _OUTPUT_SIDE_ERRORS.search(error):
+            state, attempts, error, requeued = "queued", 0, None, requeued + 1
+        db.execute(
+            "INSERT INTO slides (key, root, relative, path, kind, size, mtime_ns, identity, sha256, state, version, "
+            "attempts, error, error_kind, retry_after, first_seen, queued_at, started_at, finished_at, label, "
+            "confidence, needs_review, ms, result, quarantined_to) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, root, relative, shown(from_raw(key)), row["kind"], row["size"],
+             row["mtime_ns"], row["sha256"], state, row["version"], attempts, error,
+             row["error_kind"] if error else None, row["first_seen"], row["queued_at"], row["started_at"],
+             row["finished_at"], row["label"], row["confidence"], row["needs_review"], row["ms"], row["result"],
+             row["quarantined_to"]))
+    db.execute("DROP TABLE slides_v1")
+    logger.info("%s: ledger migrated to schema %d (%d rows of %d kept: one per slide; %d failed on a full disk "
+                "queued again)", shown(path), SCHEMA_VERSION, len(best), len(rows), requeued)

@@ -20,12 +20,18 @@ calibrated probabilities (softmax of logits / the bundle's temperature) weighted
 piece's tissue area; its label is the most probable class and its confidence that
 probability. ``needs_review`` is set when the confidence is below ``review_threshold``.
 Before anything is read, the tissue's total size at the model's µm/px is checked against
-``pixel_budget``; a slide over it is refused with ``SlideTooLargeError``.
+``pixel_budget``; a slide over it is refused with ``SlideTooLargeError``. No single read,
+the tissue overview and the pyramid check included, may decode more than
+``decode_budget`` (4 x ``pixel_budget``) source pixels, and every read stops between
+blocks when ``should_stop`` says so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,9 +41,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from lowmag.bundle import Bundle
-from lowmag.errors import LowmagError, SlideError, SlideTooLargeError
-from lowmag.io import sha256_file
-from lowmag.reader import Region, output_size, read_at_mpp
+from lowmag.edge.scan import CheckedFile
+from lowmag.errors import Interrupted, LowmagError, SlideError, SlideReadError, SlideTooLargeError
+from lowmag.io import sha256_fd, sha256_file
+from lowmag.names import shown
+from lowmag.reader import DEFAULT_MAX_SOURCE_PIXELS, Region, output_size, read_at_mpp
 from lowmag.runtimes import Session, logits_of, softmax
 from lowmag.slide import Slide, SlideInfo, open_slide
 from lowmag.tissue import TissueBox, TissueParams, colour_saturation, locate_tissue_and_overview
@@ -56,8 +64,8 @@ class ResolutionTooCoarseError(SlideError):
     """The slide's finest level is coarser than the model's µm/px."""
 
 
-class SlideInterrupted(LowmagError):
-    """Shutdown was asked for while a slide was in hand; it goes back to the queue."""
+#: Shutdown was asked for while a slide was in hand (raised between reads and tiles).
+SlideInterrupted = Interrupted
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,12 @@ class PipelineConfig:
             raise LowmagError(f"review_threshold must be within 0-1, got {self.review_threshold}")
         if self.pixel_budget <= 0:
             raise LowmagError(f"pixel_budget must be positive, got {self.pixel_budget}")
+
+    @property
+    def decode_budget(self) -> int:
+        """Most source pixels any one read may decode (a pyramid level at most 2x finer per
+        axis than needed decodes 4x the pixels it yields)."""
+        return 4 * self.pixel_budget
 
 
 class Timer:
@@ -142,16 +156,38 @@ class SlideClassification:
 
 def content_hash(files: Sequence[Path]) -> tuple[str, int]:
     """sha256 of one file, or of 'name  sha256' lines for a multi-file slide; and total bytes."""
-    import hashlib
+    return _combined([(path.name, sha256_file(path)) for path in files]), sum(p.stat().st_size for p in files)
 
-    if len(files) == 1:
-        return sha256_file(files[0]), files[0].stat().st_size
+
+def checked_content_hash(checked: Sequence[CheckedFile], should_stop: Callable[[], bool] = lambda: False
+                         ) -> tuple[str, int]:
+    """``content_hash`` of files ``check_files`` vetted, each read from one descriptor that
+    is checked to be the very inode that was vetted (a link swapped in meanwhile fails).
+    Stops between chunks when ``should_stop`` says so."""
+    named, size = [], 0
+    for item in checked:
+        fd = os.open(item.real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) != (item.device, item.inode) or not stat.S_ISREG(info.st_mode):
+                raise SlideReadError(item.path, "was replaced while it was being checked.",
+                                     "nothing to do: it is read again.")
+            named.append((item.path.name, sha256_fd(fd, should_stop)))
+            size += info.st_size
+        finally:
+            os.close(fd)
+    if should_stop():
+        raise SlideInterrupted(f"{shown(checked[0].path)}: interrupted by a stop")
+    return _combined(named), size
+
+
+def _combined(named: Sequence[tuple[str, str]]) -> str:
+    if len(named) == 1:
+        return named[0][1]
     digest = hashlib.sha256()
-    size = 0
-    for path in files:
-        digest.update(f"{path.name}  {sha256_file(path)}\n".encode())
-        size += path.stat().st_size
-    return digest.hexdigest(), size
+    for name, sha256 in named:
+        digest.update(f"{name}  {sha256}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def tile_regions(box: TissueBox, size_px: tuple[int, int], max_piece_px: int) -> list[Region]:
@@ -202,20 +238,29 @@ class SlideClassifier:
         self.temperature = float(bundle.spec.temperature)
 
     def classify(self, path: Path, files: Sequence[Path] | None = None,
-                 should_stop: Callable[[], bool] = lambda: False) -> SlideClassification:
-        """Classify the slide at ``path`` (``files``: what it consists of, for the hash)."""
-        timer = Timer()
+                 should_stop: Callable[[], bool] = lambda: False, timer: Timer | None = None,
+                 content: tuple[str, int, int] | None = None) -> SlideClassification:
+        """Classify the slide at ``path`` (``files``: what it consists of, for the hash).
+
+        ``content`` is (sha256, bytes, files) when the caller hashed the files already (the
+        edge runner does, with the files it checked), into ``timer``'s ``hash`` stage.
+        """
+        timer = timer or Timer()
         config = self.config
-        with timer.stage("hash"):
-            files = list(files) if files else ([path] if path.is_file() else sorted(path.iterdir()))
-            sha256, size = content_hash(files)
+        if content is None:
+            with timer.stage("hash"):
+                files = list(files) if files else ([path] if path.is_file() else sorted(path.iterdir()))
+                sha256, size = content_hash(files)
+            count = len(files)
+        else:
+            sha256, size, count = content
         with timer.stage("open"):
             slide = open_slide(path, assume_mpp=config.assume_mpp)
         with slide:
             info = slide.info
             self._check_resolution(info)
             with timer.stage("tissue"):
-                boxes, overview = locate_tissue_and_overview(slide, config.tissue)
+                boxes, overview = locate_tissue_and_overview(slide, config.tissue, config.decode_budget, should_stop)
             if not boxes:
                 raise NoTissueError(path, "no tissue found on the slide (blank glass, pen marks or a test pattern).",
                                     "check the scan; tune the tissue options if this slide does hold tissue.")
@@ -233,7 +278,7 @@ class SlideClassifier:
         weights = np.array([max(piece.box.tissue_area_um2, 1e-9) for piece in pieces])
         probabilities = (np.stack([p.probabilities for p in pieces]) * weights[:, None]).sum(0) / weights.sum()
         return SlideClassification(
-            path=path, info=info, sha256=sha256, size_bytes=size, files=len(files), pieces=pieces,
+            path=path, info=info, sha256=sha256, size_bytes=size, files=count, pieces=pieces,
             probabilities=probabilities, needs_review=bool(probabilities.max() < config.review_threshold),
             timer=timer, thumbnail=thumbnail, classes=self.classes,
         )
@@ -252,8 +297,9 @@ class SlideClassifier:
         emptiest: tuple[float, np.ndarray] | None = None  # the best of the near-blank tiles
         for region in regions:
             if should_stop():
-                raise SlideInterrupted(f"{slide.info.path}: interrupted by shutdown; the slide goes back to the queue")
-            rgb = timed_read(slide, self.target_mpp, region, timer, self.config.pixel_budget)
+                raise SlideInterrupted(f"{shown(slide.info.path)}: interrupted by a stop")
+            rgb = timed_read(slide, self.target_mpp, region, timer, self.config.pixel_budget,
+                             max_source_pixels=self.config.decode_budget, should_stop=should_stop)
             weight = tissue_fraction(rgb, self.config.tissue.min_saturation) if len(regions) > 1 else 1.0
             if weight < self.config.min_tile_tissue:
                 if emptiest is None or weight > emptiest[0]:
@@ -277,11 +323,14 @@ class SlideClassifier:
 
 
 def timed_read(slide: Slide, mpp: float, region: Region | None, timer: Timer,
-               max_output_pixels: int | None = None, exact: bool = False) -> np.ndarray:
+               max_output_pixels: int | None = None, exact: bool = False,
+               max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
+               should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """``read_at_mpp`` with its decode and resample seconds added to ``timer``."""
     seconds: dict[str, float] = {}
     try:
-        return read_at_mpp(slide, mpp, region, exact=exact, max_output_pixels=max_output_pixels, timings=seconds)
+        return read_at_mpp(slide, mpp, region, exact=exact, max_output_pixels=max_output_pixels, timings=seconds,
+                           max_source_pixels=max_source_pixels, should_stop=should_stop)
     finally:
         for stage, value in seconds.items():
             timer.seconds[stage] = timer.seconds.get(stage, 0.0) + value

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -34,6 +35,7 @@ from lowmag.draw import draw_boxes, save_png
 from lowmag.edge.backends import BackendChoice
 from lowmag.edge.pipeline import SLIDE_RULE, SlideClassification
 from lowmag.io import atomic_write_text
+from lowmag.names import printable, shown
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +55,22 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+#: Longest file name most filesystems take (bytes).
+NAME_MAX = 255
+
+
 def output_paths(out: Path, relative: str) -> dict[str, Path]:
-    """Where a slide's outputs go: ``OUT/results/<relative>.{json,geojson,png}``."""
+    """Where a slide's outputs go: ``OUT/results/<relative>.{json,geojson,png}``.
+
+    A slide name too long to take the suffixes (over 247 bytes) is cut to 200 bytes plus
+    ``~`` and 16 hex digits of its sha256, so it still maps to one name of its own.
+    """
     base = out / "results" / relative
-    return {kind: base.with_name(base.name + "." + kind) for kind in ("json", "geojson", "png")}
+    name = os.fsencode(base.name)
+    if len(name) + len(".geojson") > NAME_MAX:
+        name = name[:200] + b"~" + hashlib.sha256(name).hexdigest()[:16].encode()
+    stem = os.fsdecode(name)
+    return {kind: base.with_name(f"{stem}.{kind}") for kind in ("json", "geojson", "png")}
 
 
 def remove_outputs(out: Path, relative: str) -> None:
@@ -70,8 +84,10 @@ def _probabilities(classes: tuple[str, ...], values: np.ndarray) -> dict[str, fl
 
 
 def result_document(result: SlideClassification, bundle: Bundle, choice: BackendChoice,
-                    threads: int | None, review_threshold: float, timings_ms: Mapping[str, float]) -> dict[str, Any]:
-    """The JSON result of one slide."""
+                    threads: int | None, review_threshold: float, timings_ms: Mapping[str, float],
+                    slide_path: Path | None = None) -> dict[str, Any]:
+    """The JSON result of one slide (``slide_path``: the slide as the watched folder names it,
+    when it was read through a link)."""
     info = result.info
     spec = bundle.spec
     pieces = []
@@ -94,7 +110,8 @@ def result_document(result: SlideClassification, bundle: Bundle, choice: Backend
     return {
         "schema": RESULT_SCHEMA,
         "slide": {
-            "path": str(result.path), "name": result.path.name, "format": info.format,
+            "path": shown(slide_path or result.path), "name": shown((slide_path or result.path).name),
+            "format": info.format,
             "size_bytes": result.size_bytes, "files": result.files, "sha256": result.sha256,
             "width_px": info.width, "height_px": info.height,
             "mpp": round(info.mpp, 5), "mpp_source": info.mpp_source, "objective_power": info.objective_power,
@@ -153,16 +170,17 @@ def thumbnail_image(result: SlideClassification) -> np.ndarray:
 
 
 def write_slide_outputs(out: Path, relative: str, result: SlideClassification, bundle: Bundle,
-                        choice: BackendChoice, threads: int | None, review_threshold: float) -> dict[str, Any]:
+                        choice: BackendChoice, threads: int | None, review_threshold: float,
+                        slide_path: Path | None = None) -> dict[str, Any]:
     """Write thumbnail, GeoJSON and (last) JSON atomically; returns the JSON document."""
     paths = output_paths(out, relative)
     timer = result.timer
     with timer.stage("write"):
         save_png(thumbnail_image(result), paths["png"])
-        document = result_document(result, bundle, choice, threads, review_threshold, {})
+        document = result_document(result, bundle, choice, threads, review_threshold, {}, slide_path)
         atomic_write_text(paths["geojson"], json.dumps(geojson_document(document), indent=1) + "\n")
     document["timings_ms"] = timer.ms()  # the JSON's own write is the only part not counted
-    document["outputs"] = {kind: path.name for kind, path in paths.items()}
+    document["outputs"] = {kind: shown(path.name) for kind, path in paths.items()}
     atomic_write_text(paths["json"], json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     return document
 
@@ -170,7 +188,7 @@ def write_slide_outputs(out: Path, relative: str, result: SlideClassification, b
 def csv_row(status: str, slide: Path, result_id: str, document: Mapping[str, Any] | None = None,
             error: str = "", sha256: str = "", result_path: Path | None = None) -> dict[str, str]:
     row = {column: "" for column in CSV_COLUMNS}
-    row.update(finished_at=now_iso(), status=status, slide=str(slide), error=error, sha256=sha256,
+    row.update(finished_at=now_iso(), status=status, slide=shown(slide), error=printable(error), sha256=sha256,
                result_id=result_id)
     if document is not None:
         res = document["result"]
@@ -181,7 +199,7 @@ def csv_row(status: str, slide: Path, result_id: str, document: Mapping[str, Any
             tissue_pieces=str(len(document["tissue"])), ms=f"{document['timings_ms']['total']:.0f}",
             backend=f"{document['runtime']['backend']}/{document['runtime']['device']}",
             bundle_sha256=document["model"]["bundle_sha256"][:16],
-            result=str(result_path or ""),
+            result=shown(result_path) if result_path else "",
         )
     return row
 

@@ -32,7 +32,7 @@ def summarise(out: Path, failures: int = 20) -> dict[str, Any]:
         "out": str(out),
         "running": holder(out),
         "counts": {state: sum(1 for r in rows if r["state"] == state)
-                   for state in ("done", "failed", "queued", "processing")},
+                   for state in ("done", "failed", "queued", "processing", "skipped")},
         "needs_review": sum(1 for r in done if r["needs_review"]),
         "retrying": sum(1 for r in rows if r["state"] == "queued" and r["error"]),
         "throughput": {
@@ -46,6 +46,7 @@ def summarise(out: Path, failures: int = 20) -> dict[str, Any]:
                     "quarantined_to": r["quarantined_to"]} for r in failed[-failures:]],
         "queued": [{"path": r["path"], "attempts": r["attempts"], "last_error": r["error"]}
                    for r in rows if r["state"] in ("queued", "processing")][:failures],
+        "skipped": [{"path": r["path"], "reason": r["error"]} for r in rows if r["state"] == "skipped"][-failures:],
     }
 
 
@@ -56,7 +57,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['out']}: " + (f"a watcher is running (pid {running.get('pid', '?')}, since "
                                  f"{running.get('started', '?')})" if running is not None else "no watcher running"),
         f"  done {c['done']} ({summary['needs_review']} need review), failed {c['failed']}, "
-        f"queued {c['queued']} ({summary['retrying']} waiting to retry), processing {c['processing']}",
+        f"queued {c['queued']} ({summary['retrying']} waiting to retry), processing {c['processing']}, "
+        f"skipped {c['skipped']} (not slides)",
     ]
     t = summary["throughput"]
     if t["median_ms_per_slide"] is not None:
@@ -71,6 +73,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         for f in summary["failed"]:
             moved = f" [moved to {f['quarantined_to']}]" if f["quarantined_to"] else ""
             lines.append(f"    {f['path']}: {without_path(f['error'] or '', f['path'])}{moved}")
+    if summary["skipped"]:
+        lines.append("  skipped (not slides):")
+        for entry in summary["skipped"]:
+            lines.append(f"    {entry['path']}: {entry['reason']}")
     if summary["queued"]:
         lines.append("  queued:")
         for q in summary["queued"]:

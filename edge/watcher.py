@@ -8,15 +8,20 @@ Three ways to notice a slide, so none is missed:
   overflowed event queue dropped.
 
 A noticed slide becomes a *candidate*; it is queued in the ledger once its signature
-(size and mtime of all its files) has not changed for ``settle_s``. Slides the ledger
-already has with the same size and mtime are not queued again; a changed one is (same-name
-replacement). Only the main thread touches candidates and claims work; workers classify.
+(size, mtime, inode and ctime of all its files) has not changed for ``settle_s``. Slides
+the ledger already has with the same identity are not queued again; a changed one is
+(same-name replacement). An entry that is no slide is recorded once as ``skipped`` with
+its reason. The watched folder is resolved first, so the ledger keys one slide the same
+however the folder was typed. Only the main thread touches candidates and claims work;
+workers classify.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -24,9 +29,11 @@ from pathlib import Path
 from typing import Iterable
 
 from lowmag.edge.ledger import Ledger
-from lowmag.edge.runner import Dispatcher, EdgeRunner
-from lowmag.edge.scan import Signature, SlideUnit, find_units, mtime_of, size_of, unit_for
+from lowmag.edge.ledger import Job
 from lowmag.edge.results import remove_outputs
+from lowmag.edge.runner import Dispatcher, EdgeRunner, OutputUnavailable, output_problem
+from lowmag.edge.scan import Signature, SlideUnit, find_units, unit_for
+from lowmag.names import shown
 
 logger = logging.getLogger("lowmag.edge")
 
@@ -49,13 +56,23 @@ class _Candidate:
 
 
 def enqueue_unit(ledger: Ledger, out: Path, unit: SlideUnit, signature: Signature) -> str:
-    """Record a complete slide in the ledger; a replaced file loses its stale outputs."""
-    status = ledger.enqueue(unit.path, unit.relative, unit.kind, size_of(signature), mtime_of(signature))
+    """Record a complete slide (or a skipped entry) in the ledger; a replaced file loses its
+    stale outputs. Returns the ledger's verdict ('new', 'known', 'replaced', 'recheck')."""
+    if unit.skipped:
+        status = ledger.record_skipped(unit, signature, unit.skip_reason())
+        if status != "known":
+            logger.info("skipped %s: %s", shown(unit.path), unit.skip_reason())
+    else:
+        status = ledger.enqueue(unit, signature)
     if status == "replaced":
         remove_outputs(out, unit.relative)
-        logger.info("queued %s again: the file was replaced (size or mtime changed)", unit.path)
-    elif status == "new":
-        logger.debug("queued %s", unit.path)
+        if not unit.skipped:
+            logger.info("queued %s again: the file was replaced (size or mtime changed)", shown(unit.path))
+    elif status == "recheck":
+        logger.info("queued %s for a content check: same size and mtime, but another inode or ctime",
+                    shown(unit.path))
+    elif status == "new" and not unit.skipped:
+        logger.debug("queued %s", shown(unit.path))
     return status
 
 
@@ -64,7 +81,7 @@ class Watcher:
 
     def __init__(self, root: Path, runner: EdgeRunner, options: WatchOptions = WatchOptions(),
                  exclude: Iterable[Path] = ()) -> None:
-        self.root = Path(root)
+        self.root = Path(os.path.realpath(root))
         self.runner = runner
         self.options = options
         self.exclude = [Path(p) for p in exclude]
@@ -83,7 +100,7 @@ class Watcher:
         found = 0
         for unit in find_units(self.root, self.exclude):
             signature = unit.signature()
-            if signature and self.runner.ledger.unchanged(unit.path, size_of(signature), mtime_of(signature)):
+            if signature and self.runner.ledger.unchanged(unit, signature):
                 continue
             self._notice(unit)
             found += 1
@@ -116,7 +133,13 @@ class Watcher:
                 candidate.changed_at = now
                 continue
             if now - candidate.changed_at >= self.options.settle_s:
-                enqueue_unit(self.runner.ledger, self.runner.out, candidate.unit, signature)
+                try:
+                    enqueue_unit(self.runner.ledger, self.runner.out, candidate.unit, signature)
+                except sqlite3.Error as error:  # the ledger's disk is full: keep it a candidate
+                    if not output_problem(error):
+                        raise
+                    self.runner.gate.block(OutputUnavailable(self.runner.out, error))
+                    return
                 del self.candidates[path]
 
     # -- the loop -------------------------------------------------------------------
@@ -134,7 +157,7 @@ class Watcher:
                 for attr in ("src_path", "dest_path"):
                     value = getattr(event, attr, "")
                     if value:
-                        events.put(Path(value.decode() if isinstance(value, bytes) else value))
+                        events.put(Path(os.fsdecode(value)))
 
         observer = PollingObserver(timeout=self.options.poll_interval_s) if self.options.poll else Observer()
         observer.schedule(Handler(), str(self.root), recursive=True)
@@ -143,12 +166,16 @@ class Watcher:
     def request_stop(self) -> None:
         self.stop.set()
 
-    def run(self) -> None:
-        """Watch until ``request_stop``; then finish or release the slides in hand."""
+    def run(self) -> list[Job]:
+        """Watch until ``request_stop``; then let the slides in hand finish or stop.
+
+        Returns the slides still being classified after ``shutdown_timeout_s``: the caller
+        must exit the process without releasing the output lock (see ``Dispatcher.shutdown``).
+        """
         observer = self._observer()
         observer.start()
         mode = f"polling every {self.options.poll_interval_s:g} s" if self.options.poll else "filesystem events"
-        logger.info("watching %s (%s, full rescan every %g s, settle %g s, %d worker(s))", self.root, mode,
+        logger.info("watching %s (%s, full rescan every %g s, settle %g s, %d worker(s))", shown(self.root), mode,
                     self.options.rescan_interval_s, self.options.settle_s, self.runner.options.workers)
         next_rescan = 0.0
         try:
@@ -156,7 +183,7 @@ class Watcher:
                 if time.monotonic() >= next_rescan:
                     found = self.rescan()
                     if found:
-                        logger.info("rescan of %s: %d slide(s) to check", self.root, found)
+                        logger.info("rescan of %s: %d slide(s) to check", shown(self.root), found)
                     next_rescan = time.monotonic() + self.options.rescan_interval_s
                 self._drain_events()
                 self._settle()
@@ -165,11 +192,9 @@ class Watcher:
         finally:
             observer.stop()
             stuck = self.dispatcher.shutdown(self.options.shutdown_timeout_s)
-            for job in stuck:
-                logger.warning("released %s unfinished after %g s; it will be classified on the next start",
-                               job.path, self.options.shutdown_timeout_s)
             try:
                 observer.join(timeout=5)
             except RuntimeError:
                 pass
+        return stuck
 

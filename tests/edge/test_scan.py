@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowmag.edge.scan import find_units, unit_for
+import os
+import socket
+
+import pytest
+
+from lowmag.edge.scan import SlideUnit, check_files, find_units, same_files, unit_for
+from lowmag.errors import UnsupportedSlideError
 
 
 def put(path: Path, data: bytes = b"slide bytes") -> Path:
@@ -14,8 +20,13 @@ def put(path: Path, data: bytes = b"slide bytes") -> Path:
 
 
 def units(root: Path, **kwargs) -> dict[str, str]:
-    """relative path -> kind, for every unit find_units yields."""
-    return {unit.relative: unit.kind for unit in find_units(root, **kwargs)}
+    """relative path -> kind, for every slide unit find_units yields (skipped entries left out)."""
+    return {unit.relative: unit.kind for unit in find_units(root, **kwargs) if not unit.skipped}
+
+
+def skipped(root: Path, **kwargs) -> dict[str, str]:
+    """relative path -> reason, for every entry find_units yields as no slide."""
+    return {unit.relative: unit.skip_reason() for unit in find_units(root, **kwargs) if unit.skipped}
 
 
 def test_names_being_written_are_never_slides(tmp_path: Path) -> None:
@@ -42,13 +53,28 @@ def test_slides_in_nested_folders_keep_their_path_below_the_root(tmp_path: Path)
     assert unit_for(tmp_path / "2024" / "06" / "a.svs", tmp_path).relative == "2024/06/a.svs"
 
 
-def test_files_that_are_not_slides_are_ignored(tmp_path: Path) -> None:
+def test_files_that_are_not_slides_are_skipped_each_with_its_reason(tmp_path: Path) -> None:
     for name in ("notes.txt", "label.png", "macro.jpg", "scan.log"):
         put(tmp_path / name)
-        assert unit_for(tmp_path / name, tmp_path) is None, name
+        assert unit_for(tmp_path / name, tmp_path).skipped, name
     put(tmp_path / "slide.svs")
+    put(tmp_path / "olympus.vsi")
+    put(tmp_path / "_olympus_" / "stack1" / "frame_t.ets")  # the VSI's data: part of the .vsi, not listed
+    put(tmp_path / "renamed", b"II*\x00" + b"\x00" * 200)
+    put(tmp_path / "loose-dicom", b"\x00" * 128 + b"DICM" + b"\x00" * 100)
+    os.mkfifo(tmp_path / "pipe.svs")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "control.sock"))
 
-    assert units(tmp_path) == {"slide.svs": "file"}
+        assert units(tmp_path) == {"slide.svs": "file", "loose-dicom": "file"}  # a DICOM file is a slide
+        reasons = skipped(tmp_path)
+    assert set(reasons) == {"notes.txt", "label.png", "macro.jpg", "scan.log", "olympus.vsi", "renamed", "pipe.svs",
+                            "control.sock"}
+    assert "(.txt)" in reasons["notes.txt"] and "(.png)" in reasons["label.png"]
+    assert "VSI" in reasons["olympus.vsi"] and "OME-TIFF" in reasons["olympus.vsi"]
+    assert "TIFF" in reasons["renamed"] and "rename it to .tif" in reasons["renamed"]
+    assert "named pipe" in reasons["pipe.svs"] and "socket" in reasons["control.sock"]
+    assert unit_for(tmp_path / "_olympus_" / "stack1" / "frame_t.ets", tmp_path).relative == "olympus.vsi"
 
 
 def test_mirax_file_and_its_data_folder_are_one_slide(tmp_path: Path) -> None:
@@ -70,13 +96,17 @@ def test_mirax_file_and_its_data_folder_are_one_slide(tmp_path: Path) -> None:
 
 def test_dicom_series_folder_is_one_slide_but_a_loose_dcm_is_its_own(tmp_path: Path) -> None:
     instances = [put(tmp_path / "series1" / f"{i}.dcm") for i in range(3)]
+    # Some exports name the instances without an extension: their first bytes say DICOM.
+    instances.append(put(tmp_path / "series1" / "1.2.840.99", b"\x00" * 128 + b"DICM" + b"\x00" * 64))
     put(tmp_path / "series1" / "DICOMDIR.txt")
     put(tmp_path / "loose.dcm")
 
     found = {unit.relative: unit for unit in find_units(tmp_path)}
 
-    assert {name: unit.kind for name, unit in found.items()} == {"series1": "dicom-folder", "loose.dcm": "file"}
-    assert found["series1"].files() == instances
+    assert {name: unit.kind for name, unit in found.items()} == {
+        "series1": "dicom-folder", "loose.dcm": "file", "series1/DICOMDIR.txt": "skipped"}
+    assert "not a DICOM instance" in found["series1/DICOMDIR.txt"].skip_reason()
+    assert found["series1"].files() == sorted(instances)
     assert unit_for(instances[1], tmp_path) == found["series1"]
     assert unit_for(tmp_path / "loose.dcm", tmp_path) == found["loose.dcm"]
 
@@ -98,13 +128,52 @@ def test_symlinks_are_followed_only_inside_the_scan_folder(tmp_path: Path) -> No
     (root / "out-file.svs").symlink_to(secret)
     (root / "out-folder").symlink_to(outside, target_is_directory=True)
     (root / "alias.svs").symlink_to(real)
+    (root / "out-notes.txt").symlink_to(put(outside / "notes.txt"))
 
-    assert units(root) == {"real.svs": "file", "alias.svs": "file"}
+    # A link out named like a slide is a unit: the runner refuses it once, with its reason.
+    assert units(root) == {"real.svs": "file", "alias.svs": "file", "out-file.svs": "file"}
+    reasons = skipped(root)
+    assert set(reasons) == {"out-folder", "out-notes.txt"}
+    assert "linked folders are not walked" in reasons["out-folder"]
+    assert "link out of the watched folder" in reasons["out-notes.txt"]
     assert unit_for(root / "alias.svs", root) is not None
-    assert unit_for(root / "out-file.svs", root) is None
     # A polling observer walks into symlinked folders; what it reports there is not ours.
     assert unit_for(root / "out-folder" / "secret.svs", root) is None
     assert list(find_units(root, under=root / "out-folder")) == []
+
+    link_out = SlideUnit(root / "out-file.svs", "file", root)
+    with pytest.raises(UnsupportedSlideError, match="symbolic link to .*elsewhere/secret.svs, outside the watched"):
+        check_files(link_out)
+    [alias] = check_files(SlideUnit(root / "alias.svs", "file", root))
+    assert alias.real == real and same_files([alias])
+
+
+def test_a_link_inside_a_dicom_series_leading_out_refuses_the_whole_series(tmp_path: Path) -> None:
+    root = tmp_path / "scans"
+    put(root / "series" / "1.dcm")
+    (root / "series" / "zz.dcm").symlink_to("/etc/passwd")
+
+    [series] = [u for u in find_units(root) if not u.skipped]
+
+    assert series.kind == "dicom-folder" and [p.name for p in series.files()] == ["1.dcm", "zz.dcm"]
+    assert all(entry[3] != os.stat("/etc/passwd").st_ino for entry in series.signature())  # never followed
+    with pytest.raises(UnsupportedSlideError, match="zz.dcm: is a symbolic link to /etc/passwd, outside"):
+        check_files(series)
+
+
+def test_a_slide_swapped_for_a_link_or_a_fifo_is_not_the_file_that_was_checked(tmp_path: Path) -> None:
+    root = tmp_path / "scans"
+    slide = put(root / "a.svs")
+    checked = check_files(SlideUnit(slide, "file", root))
+    slide.unlink()
+    slide.symlink_to(put(tmp_path / "secret.svs"))
+    assert not same_files(checked)
+    with pytest.raises(UnsupportedSlideError, match="outside the watched folder"):
+        check_files(SlideUnit(slide, "file", root))
+    slide.unlink()
+    os.mkfifo(slide)
+    with pytest.raises(UnsupportedSlideError, match="named pipe"):
+        check_files(SlideUnit(slide, "file", root))
 
 
 def test_a_symlink_loop_does_not_stop_the_scan(tmp_path: Path) -> None:
@@ -112,7 +181,8 @@ def test_a_symlink_loop_does_not_stop_the_scan(tmp_path: Path) -> None:
     put(tmp_path / "a.svs")
 
     assert units(tmp_path) == {"a.svs": "file"}
-    assert unit_for(tmp_path / "loop", tmp_path) is None
+    assert skipped(tmp_path) == {"loop": "a broken symbolic link (or a link loop)."}
+    assert unit_for(tmp_path / "loop", tmp_path).skipped
 
 
 def test_scanning_below_a_subfolder_reports_paths_from_the_root(tmp_path: Path) -> None:

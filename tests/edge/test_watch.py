@@ -51,19 +51,22 @@ def test_slides_written_in_pieces_are_classified_once_complete(onnx_bundle, slid
         shutil.copy(slide_factory("c.tif", seed=3), outside)
         (scans / "link-out.tif").symlink_to(outside)
         time.sleep(1.5)
-        assert set(ledger_states(out)) <= {str(scans / "day1" / "a.svs")}
+        assert set(ledger_states(out)) <= {str(scans / "day1" / "a.svs"), str(scans / "link-out.tif")}
         (scans / "b.tif.part").rename(scans / "b.tif")
         wait_for(done(out, 2), 60, "two slides done", proc)
         time.sleep(1.5)
-        assert set(ledger_states(out)) == {str(scans / "day1" / "a.svs"), str(scans / "b.tif")}
+        assert ledger_states(out) == {str(scans / "day1" / "a.svs"): "done", str(scans / "b.tif"): "done",
+                                      str(scans / "link-out.tif"): "failed"}
         doc = json.loads((out / "results" / "day1" / "a.svs.json").read_text())
         assert doc["slide"]["sha256"] == sha256_file(scans / "day1" / "a.svs")
-        assert len(csv_rows(out)) == 2
+        assert sorted(r["status"] for r in csv_rows(out)) == ["done", "done", "failed"]
+        assert not (out / "results" / "link-out.tif.json").exists()
     finally:
         code = stop(proc)
     assert code == 0
     log = (out.parent / "out.log").read_text()
-    assert "link-out.tif is a symlink out of the watched folder" in log
+    refusals = [line for line in log.splitlines() if "link-out.tif" in line]
+    assert len(refusals) == 1 and "is a symbolic link to" in refusals[0]  # refused once, not at every rescan
     assert "SIGTERM" in log
 
 
