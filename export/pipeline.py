@@ -193,10 +193,10 @@ def export_student(checkpoint: str | Path, out: str | Path, options: ExportOptio
 
             temperature_record = {"fitted": True, "on": str(options.val_images),
                                   **fit_temperature(logits_of(session, val_set[0]), val_set[1])}
-            if temperature_record["at_search_limit"]:
-                # Typically a validation set the model never gets wrong: NLL keeps falling as
-                # T -> 0, and applying such a T would make every prediction look certain.
-                why = "the fit ran to the edge of its range, so the validation set cannot pin T down"
+            if not temperature_record["trusted"]:
+                # Typically a validation set the model (almost) never gets wrong: NLL keeps falling
+                # as T -> 0, and applying such a T would make every prediction look certain.
+                why = temperature_record["why_not_trusted"]
                 logger.warning("%s: temperature %.3g not applied: %s (use a larger validation set "
                                "with some errors)", options.val_images, temperature_record["temperature"], why)
                 temperature_record.update(applied=False, why=why)

@@ -179,13 +179,37 @@ def test_existing_bundle_is_kept_unless_forced(student, he_eval, tmp_path):
     assert refused.exit_code == 1 and "--force" in refused.output
     assert (out / "keep.txt").read_text() == "a lab's file"
     # Validation images the model never gets wrong cannot determine a temperature: not applied.
-    forced = CliRunner().invoke(main, args + ["--force", "--val-images", str(he_eval)])
+    # They are picked by the model itself, so this holds whatever the tiny model learnt here.
+    never_wrong = images_the_model_gets_right(student, he_eval, tmp_path / "never-wrong")
+    forced = CliRunner().invoke(main, args + ["--force", "--val-images", str(never_wrong)])
     assert forced.exit_code == 0, forced.output
     assert "not applied" in forced.output
     assert not (out / "keep.txt").exists() and load_bundle(out).target == "onnx"
     spec = load_bundle(out).spec
-    assert spec.temperature == 1.0 and spec.export["temperature"]["applied"] is False
-    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    record = spec.export["temperature"]
+    assert spec.temperature == 1.0 and record["applied"] is False and record["trusted"] is False
+    assert record["errors"] == 0 and record["why_not_trusted"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "never-wrong"]
+
+
+def images_the_model_gets_right(student: Path, labeled: Path, folder: Path) -> Path:
+    """A class folder of the labeled images the student classifies correctly (at least 20),
+    read and run as export-student's gate reads and runs them (PyTorch eager)."""
+    import shutil
+
+    from lowmag.export.onnx_graph import StudentGraph, reference_logits
+    from lowmag.labeled import scan_image_folder
+    from lowmag.train.checkpoint import load_checkpoint
+
+    model, spec = load_checkpoint(student)
+    _, items = scan_image_folder(labeled, scan_mpp=SCAN_MPP, classes=spec.classes, require_all_classes=False)
+    logits = reference_logits(StudentGraph(model, spec), [item.read(spec.target_mpp) for item in items])
+    right = [item for item, row in zip(items, logits) if int(np.argmax(row)) == item.label]
+    assert len(right) >= 20, f"the test student got only {len(right)} of {len(items)} images right"
+    for item in right:
+        (folder / spec.classes[item.label]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(item.path, folder / spec.classes[item.label] / item.path.name)
+    return folder
 
 
 @pytest.mark.parametrize("args, message", [
