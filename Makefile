@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lowmag-installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all bench soak install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest tests/bench -m benchmark --benchmark-only --benchmark-min-rounds=3 \
 		--benchmark-max-time=1.0 --benchmark-columns=min,median,mean,max,rounds \
 		--benchmark-json=.bench/results.json
+
+# The watcher's soak: 1,000 slides with hostile names, bad files, renames and replacements
+# while the watcher is killed with SIGKILL at least 10 times (about 3 min on 2 cores).
+soak: $(STAMP)
+	$(BIN)/python tests/soak/soak.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .bench

@@ -62,7 +62,8 @@ def _engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _setup(model: Path, out: Path, backend: str, device: str, threads: int | None, workers: int,
            max_piece_px: int, pixel_budget: int, review_threshold: float, assume_mpp: float | None,
-           max_attempts: int, quarantine: Path | None, rebuild_engine: bool, retry_delay_s: float):
+           max_attempts: int, quarantine: Path | None, rebuild_engine: bool, retry_delay_s: float,
+           settle_s: float = 2.0):
     from lowmag.bundle import load_bundle
     from lowmag.edge.backends import choose_backend
     from lowmag.edge.pipeline import PipelineConfig
@@ -75,6 +76,7 @@ def _setup(model: Path, out: Path, backend: str, device: str, threads: int | Non
     config = PipelineConfig(max_piece_px=max_piece_px, pixel_budget=pixel_budget,
                             review_threshold=review_threshold, assume_mpp=assume_mpp)
     options = RunnerOptions(workers=workers, threads=threads, max_attempts=max_attempts, retry_delay_s=retry_delay_s,
+                            settle_s=settle_s,
                             quarantine=quarantine, rebuild_engine=rebuild_engine)
     logger.info("model %s: %s, %s %s, %s classes; runtime %s", bundle.directory, bundle.spec.magnification,
                 bundle.target, bundle.precision, len(bundle.spec.classes), choice.describe())
@@ -185,7 +187,7 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
     out: Path = kwargs["out"]
     if out.resolve() == scans.resolve():
         raise click.UsageError("--out must not be the watched folder itself; use a folder beside it.")
-    bundle, choice, config, options = _setup(retry_delay_s=retry_delay, **kwargs)
+    bundle, choice, config, options = _setup(retry_delay_s=retry_delay, settle_s=settle, **kwargs)
     wait_until_writable(out)
     with open_output(out, options.max_attempts) as ledger:
         runner = EdgeRunner(out, ledger, bundle, choice, config, options)

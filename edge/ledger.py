@@ -110,6 +110,21 @@ class Job:
     recheck: str | None = None
     #: Why its previous attempt ended ('output', 'interrupted', 'transient'...), if it did.
     last_error_kind: str | None = None
+    #: The identity the slide was queued with (None for a row migrated from schema 1), and
+    #: its size and mtime: a file that no longer has them changed after it settled.
+    identity: str | None = None
+    size: int = 0
+    mtime_ns: int = 0
+
+    def describes(self, signature: "Signature | None") -> bool:
+        """The files are still those this job was queued for."""
+        from lowmag.edge.scan import mtime_of, size_of
+
+        if not signature:
+            return False
+        if self.identity is None:
+            return (size_of(signature), mtime_of(signature)) == (self.size, self.mtime_ns)
+        return identity_of(signature) == self.identity
 
     @property
     def shown(self) -> str:
@@ -177,14 +192,15 @@ class Ledger:
             return self.db.execute(sql, args).rowcount
 
     # -- discovery ----------------------------------------------------------------
-    def enqueue(self, unit: "SlideUnit", signature: "Signature") -> str:
+    def enqueue(self, unit: "SlideUnit", signature: "Signature", delay: float = 0.0) -> str:
         """Record a complete slide; returns 'new', 'known' (nothing to do), 'replaced' (a new
         file: classify again) or 'recheck' (same size and mtime, other inode or ctime: the
-        content hash decides)."""
+        content hash decides). ``delay``: seconds before a changed slide may be claimed."""
         from lowmag.edge.scan import mtime_of, size_of
 
         size, mtime, identity = size_of(signature), mtime_of(signature), identity_of(signature)
         now = time.time()
+        due = now + delay if delay > 0 else None
         key, root, relative = key_of(unit), raw(unit.root), raw(unit.relative)
         with self._lock:
             row = self.db.execute("SELECT * FROM slides WHERE key = ?", (key,)).fetchone()
@@ -202,13 +218,13 @@ class Ledger:
             if same_stat and row["state"] in ("done", "failed") and row["sha256"] and not row["quarantined_to"]:
                 self.db.execute(
                     "UPDATE slides SET identity = ?, state = 'queued', recheck = ?, version = version + 1, "
-                    "attempts = 0, retry_after = NULL, queued_at = ?, started_at = NULL WHERE id = ?",
-                    (identity, row["state"], now, row["id"]))
+                    "attempts = 0, retry_after = ?, queued_at = ?, started_at = NULL WHERE id = ?",
+                    (identity, row["state"], due, now, row["id"]))
                 return "recheck"
             self.db.execute(
                 f"UPDATE slides SET {_REQUEUE_AS_NEW}, root = ?, relative = ?, path = ?, kind = ?, size = ?, "
-                "mtime_ns = ?, identity = ?, queued_at = ? WHERE id = ?",
-                (root, relative, shown(unit.path), unit.kind, size, mtime, identity, now, row["id"]))
+                "mtime_ns = ?, identity = ?, queued_at = ?, retry_after = ? WHERE id = ?",
+                (root, relative, shown(unit.path), unit.kind, size, mtime, identity, now, due, row["id"]))
             return "replaced"
 
     def record_skipped(self, unit: "SlideUnit", signature: "Signature", reason: str) -> str:
@@ -373,7 +389,8 @@ class Ledger:
 def _job(row: sqlite3.Row, attempts: int | None = None) -> Job:
     root, relative = from_raw(row["root"]), os.fsdecode(bytes(row["relative"]))
     return Job(row["id"], root / relative, root, relative, row["kind"], row["version"],
-               row["attempts"] if attempts is None else attempts, row["sha256"], row["recheck"], row["error_kind"])
+               row["attempts"] if attempts is None else attempts, row["sha256"], row["recheck"], row["error_kind"],
+               row["identity"], row["size"], row["mtime_ns"])
 
 
 #: Failures of version 1 that were the output folder's fault (a full disk), not the slide's.

@@ -61,6 +61,8 @@ class RunnerOptions:
     retry_delay_s: float = 30.0
     quarantine: Path | None = None
     rebuild_engine: bool = False
+    #: Seconds a slide found changed while in hand waits before it is claimed again.
+    settle_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,8 @@ class EdgeRunner:
     def _classify(self, job: Job) -> Outcome:
         unit = SlideUnit(job.path, job.kind, job.root)
         checked = check_files(unit)  # links resolved once, inside the folder, regular files
+        if not job.describes(unit.signature()):
+            return self._changed(job)  # written again after it settled: its new version is queued
         timer = Timer()
         with timer.stage("hash"):
             sha256, size = checked_content_hash(checked, self.stop.is_set)
@@ -283,11 +287,8 @@ class EdgeRunner:
         except Exception as error:
             error.lowmag_sha256 = sha256  # failed rows carry the content they failed on
             raise
-        if not same_files(checked):
-            error = SlideReadError(job.path, "changed while it was being read (replaced, or swapped for a link).",
-                                   "nothing to do: it is read again once it settles.")
-            error.lowmag_sha256 = sha256
-            raise error
+        if not same_files(checked) or not job.describes(unit.signature()):
+            return self._changed(job)  # replaced, rewritten or swapped for a link while it was read
         if not self.ledger.is_current(job):  # replaced mid-way: the new file's result must win
             return self._stale(job)
 
@@ -325,6 +326,25 @@ class EdgeRunner:
     def _maybe_written(job: Job) -> bool:
         """Its CSV row may exist already: a retry after a crash, a stop or a full disk."""
         return job.attempts > 1 or job.last_error_kind in ("output", "interrupted")
+
+    def _changed(self, job: Job) -> Outcome:
+        """The file is no longer the one that was queued (written again, replaced, swapped for
+        a link): nothing is recorded for this version; the file as it is now is queued as a
+        new version, due once it could have settled (``settle_s``)."""
+        unit = SlideUnit(job.path, job.kind, job.root)
+        signature = unit.signature()
+        if signature is None:
+            raise UnsupportedSlideError(job.path, "disappeared while it was being classified.",
+                                        "nothing to do if it was moved away on purpose.")
+        if not self.ledger.is_current(job):
+            return self._stale(job)  # the watcher queued the new version already
+        status = self._writing(lambda: self.ledger.enqueue(unit, signature, delay=self.options.settle_s))
+        if status in ("replaced", "recheck"):
+            if status == "replaced":
+                self._writing(lambda: remove_outputs(self.out, job.relative))
+            logger.warning("%s changed after it was queued (written again, replaced or swapped for a link); it is "
+                           "classified again once it settles", job.shown)
+        return Outcome(job, "stale")
 
     def _stale(self, job: Job) -> Outcome:
         logger.warning("%s was replaced while it was being classified; the new file is queued", job.shown)

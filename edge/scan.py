@@ -288,7 +288,10 @@ def _walk(folder: Path, root: Path, excluded: set[Path], root_dicom: str) -> Ite
             continue
         if as_series and entry.name in series:
             continue
-        yield entry_unit(path, root, entry, in_series=as_series)
+        try:
+            yield entry_unit(path, root, entry, in_series=as_series)
+        except FileNotFoundError:
+            continue  # renamed or removed since the folder was listed
     if as_series:  # the series in root itself (run SERIES_FOLDER) is named from the folder above
         yield SlideUnit(folder, "dicom-folder", root if folder != root else root.parent)
 
@@ -360,7 +363,10 @@ def unit_for(path: Path, root: Path, exclude: Iterable[Path] = ()) -> SlideUnit 
     in_series = path.parent != root and _folder_is_series(path.parent)
     if in_series and _is_dicom_name_or_file(path):
         return SlideUnit(path.parent, "dicom-folder", root)
-    return entry_unit(path, root, in_series=in_series)
+    try:
+        return entry_unit(path, root, in_series=in_series)
+    except FileNotFoundError:
+        return _gone_unit(path, root)
 
 
 def _gone_unit(path: Path, root: Path) -> SlideUnit | None:

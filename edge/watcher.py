@@ -180,13 +180,17 @@ class Watcher:
         next_rescan = 0.0
         try:
             while not self.stop.is_set():
-                if time.monotonic() >= next_rescan:
-                    found = self.rescan()
-                    if found:
-                        logger.info("rescan of %s: %d slide(s) to check", shown(self.root), found)
-                    next_rescan = time.monotonic() + self.options.rescan_interval_s
-                self._drain_events()
-                self._settle()
+                try:
+                    if time.monotonic() >= next_rescan:
+                        next_rescan = time.monotonic() + self.options.rescan_interval_s
+                        found = self.rescan()
+                        if found:
+                            logger.info("rescan of %s: %d slide(s) to check", shown(self.root), found)
+                    self._drain_events()
+                    self._settle()
+                except OSError as error:  # the folder changed under the scan (a rename, a vanished folder)
+                    logger.warning("scanning %s: %s; the next tick looks again", shown(self.root), error)
+                    next_rescan = min(next_rescan, time.monotonic() + 5.0)
                 self.dispatcher.fill()
                 self.stop.wait(self.options.tick_s)
         finally:

@@ -282,3 +282,37 @@ def test_a_failure_of_a_file_replaced_as_it_was_claimed_is_not_recorded_twice(on
         ledger.close()
     [row] = csv_rows(out)
     assert row["status"] == "failed" and row["sha256"] == sha256_file(path)
+
+
+def test_a_slide_written_again_after_it_was_queued_is_classified_once_as_it_is_now(
+        onnx_bundle, slide_factory, tmp_path):
+    """The soak's find: a worker read the new content under the old version, then the
+    watcher queued the new version and the same content got a second CSV row."""
+    from lowmag.bundle import load_bundle
+    from lowmag.edge.backends import choose_backend
+    from lowmag.edge.ledger import Ledger
+    from lowmag.edge.runner import EdgeRunner, RunnerOptions
+    from lowmag.edge.scan import SlideUnit
+
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    path = scans / "case.tif"
+    shutil.copy(small(slide_factory, "a.tif", 1), path)
+    unit = SlideUnit(path, "file", scans)
+    bundle = load_bundle(onnx_bundle)
+    ledger = Ledger(out)
+    try:
+        ledger.enqueue(unit, unit.signature())
+        job = ledger.claim()
+        shutil.copy(small(slide_factory, "b.tif", 2), path)  # rewritten before the watcher saw it settle
+        runner = EdgeRunner(out, ledger, bundle, choose_backend(bundle), options=RunnerOptions(settle_s=0.3))
+
+        assert runner.process(job).status == "stale"
+        assert ledger.claim() is None  # due only once it could have settled
+        time.sleep(0.35)
+        again = ledger.claim()
+        assert again.version == job.version + 1 and runner.process(again).status == "done"
+    finally:
+        ledger.close()
+    [row] = csv_rows(out)
+    assert row["sha256"] == sha256_file(path)
