@@ -11,8 +11,13 @@ import os
 import shutil
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+from lowmag.edge.ledger import Ledger
+from lowmag.edge.runner import EdgeRunner, RunnerOptions
+from lowmag.edge.scan import SlideUnit
 from lowmag.io import sha256_file
 from lowmag.synthetic import Blob
 from tests.edge.conftest import edge, ledger_states, start_watch, stop, wait_for
@@ -254,33 +259,36 @@ def test_new_content_with_the_old_size_and_mtime_is_classified_again_but_a_chmod
     assert len(rows) == 2 and rows[1]["sha256"] == sha256_file(target) != rows[0]["sha256"]
 
 
-def test_a_failure_of_a_file_replaced_as_it_was_claimed_is_not_recorded_twice(onnx_bundle, tmp_path):
+@contextmanager
+def in_process(onnx_bundle: Path, tmp_path: Path, **options) -> Iterator[tuple[Path, Ledger, EdgeRunner]]:
+    """A scan folder, an output ledger and a runner in this process, for races a test sets up."""
     from lowmag.bundle import load_bundle
     from lowmag.edge.backends import choose_backend
-    from lowmag.edge.ledger import Ledger
-    from lowmag.edge.runner import EdgeRunner, RunnerOptions
-    from lowmag.edge.scan import SlideUnit
 
     scans, out = tmp_path / "scans", tmp_path / "out"
     scans.mkdir()
-    path = scans / "a.svs"
-    path.write_bytes(b"not a slide")
-    unit = SlideUnit(path, "file", scans)
     bundle = load_bundle(onnx_bundle)
     ledger = Ledger(out)
     try:
+        yield scans, ledger, EdgeRunner(out, ledger, bundle, choose_backend(bundle), options=RunnerOptions(**options))
+    finally:
+        ledger.close()
+
+
+def test_a_failure_of_a_file_replaced_as_it_was_claimed_is_not_recorded_twice(onnx_bundle, tmp_path):
+    with in_process(onnx_bundle, tmp_path, retry_delay_s=0) as (scans, ledger, runner):
+        path = scans / "a.svs"
+        path.write_bytes(b"not a slide")
+        unit = SlideUnit(path, "file", scans)
         ledger.enqueue(unit, unit.signature())
         old = ledger.claim()
         path.write_bytes(b"still not a slide, but another file")  # the replacement lands as it is claimed
         assert ledger.enqueue(unit, unit.signature()) == "replaced"
-        runner = EdgeRunner(out, ledger, bundle, choose_backend(bundle), options=RunnerOptions(retry_delay_s=0))
 
         assert runner.process(old).status == "stale"
-        assert not (out / "summary.csv").exists()
+        assert not (runner.out / "summary.csv").exists()
         assert runner.process(ledger.claim()).status == "failed"
-    finally:
-        ledger.close()
-    [row] = csv_rows(out)
+    [row] = csv_rows(runner.out)
     assert row["status"] == "failed" and row["sha256"] == sha256_file(path)
 
 
@@ -288,31 +296,18 @@ def test_a_slide_written_again_after_it_was_queued_is_classified_once_as_it_is_n
         onnx_bundle, slide_factory, tmp_path):
     """The soak's find: a worker read the new content under the old version, then the
     watcher queued the new version and the same content got a second CSV row."""
-    from lowmag.bundle import load_bundle
-    from lowmag.edge.backends import choose_backend
-    from lowmag.edge.ledger import Ledger
-    from lowmag.edge.runner import EdgeRunner, RunnerOptions
-    from lowmag.edge.scan import SlideUnit
-
-    scans, out = tmp_path / "scans", tmp_path / "out"
-    scans.mkdir()
-    path = scans / "case.tif"
-    shutil.copy(small(slide_factory, "a.tif", 1), path)
-    unit = SlideUnit(path, "file", scans)
-    bundle = load_bundle(onnx_bundle)
-    ledger = Ledger(out)
-    try:
+    with in_process(onnx_bundle, tmp_path, settle_s=0.3) as (scans, ledger, runner):
+        path = scans / "case.tif"
+        shutil.copy(small(slide_factory, "a.tif", 1), path)
+        unit = SlideUnit(path, "file", scans)
         ledger.enqueue(unit, unit.signature())
         job = ledger.claim()
         shutil.copy(small(slide_factory, "b.tif", 2), path)  # rewritten before the watcher saw it settle
-        runner = EdgeRunner(out, ledger, bundle, choose_backend(bundle), options=RunnerOptions(settle_s=0.3))
 
         assert runner.process(job).status == "stale"
         assert ledger.claim() is None  # due only once it could have settled
         time.sleep(0.35)
         again = ledger.claim()
         assert again.version == job.version + 1 and runner.process(again).status == "done"
-    finally:
-        ledger.close()
-    [row] = csv_rows(out)
+    [row] = csv_rows(runner.out)
     assert row["sha256"] == sha256_file(path)
