@@ -47,8 +47,9 @@ WORKER_THREAD_PREFIX = "edge-worker"
 #: Errors that the same file will raise again however often it is retried.
 PERMANENT_ERRORS = (UnsupportedSlideError, MissingMppError, ImplausibleMppError, SlideTooLargeError)
 
-#: errno values that mean the output folder cannot take writes, whatever the slide.
-OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+#: errno values that mean the output folder cannot take writes, whatever the slide (EACCES
+#: too: only the output folder is ever written, so it is that folder's permissions).
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES})
 #: The same, as SQLite says it (the ledger lives in the output folder).
 OUTPUT_SQLITE_ERRORS = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
 
@@ -112,10 +113,10 @@ class OutputUnavailable(LowmagError):
             code = getattr(cause, "sqlite_errorname", "") or ""
             full = code in ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE")  # the -shm file cannot grow either
             reason = "No space left on device" if full else str(cause)
-        then = ("no slide is claimed or failed until it can. Fix: free space on the disk that holds it (or raise "
-                "the quota, or remount it read-write); classifying resumes by itself." if resumes else
-                "nothing was classified. Fix: free space on the disk that holds it (or raise the quota, or remount "
-                "it read-write), then run the same command again.")
+        fix = ("free space on the disk that holds it (or raise the quota, remount it read-write, or give this "
+               "user write access to it)")
+        then = (f"no slide is claimed or failed until it can. Fix: {fix}; classifying resumes by itself."
+                if resumes else f"nothing was classified. Fix: {fix}, then run the same command again.")
         super().__init__(f"{shown(out)}: cannot write results ({reason}{' [' + code + ']' if code else ''}); {then}")
 
 
