@@ -31,6 +31,12 @@ def small(slide_factory, name: str, seed: int) -> Path:
     return slide_factory(name, 512, 384, seed=seed, blobs=(Blob(256, 192, 150, 120),))
 
 
+def started(log: Path, proc) -> None:
+    """Wait until the watcher logged that it watches (its startup rescan runs next)."""
+    wait_for(lambda: log.exists() and "INFO watching " in log.read_text(errors="replace"), 60, "the watcher to start",
+             proc)
+
+
 def csv_lines(out: Path) -> list[str]:
     return (out / "summary.csv").read_text(encoding="utf-8").splitlines()
 
@@ -89,7 +95,8 @@ def test_a_latin1_name_dropped_into_a_running_watcher_neither_stops_it_nor_later
     # A restart rescans the folder, Latin-1 name included, and finds nothing new to do.
     proc = start_watch(scans, out, onnx_bundle, *FAST, log=tmp_path / "again.log")
     try:
-        time.sleep(3)
+        started(tmp_path / "again.log", proc)
+        time.sleep(2)  # the startup rescan's candidates settle (0.5 s) and are found known
         assert proc.poll() is None
     finally:
         assert stop(proc) == 0
@@ -115,7 +122,8 @@ def test_the_same_folder_typed_three_ways_is_one_folder(onnx_bundle, slide_facto
     # A watcher started on the link's name agrees: nothing to do.
     proc = start_watch(tmp_path / "link", out, onnx_bundle, *FAST)
     try:
-        time.sleep(3)
+        started(tmp_path / "out.log", proc)
+        time.sleep(2)  # the startup rescan's candidates settle (0.5 s) and are found known
     finally:
         assert stop(proc) == 0
     assert len(csv_rows(out)) == 2 and ledger(out, "SELECT COUNT(*) FROM slides") == [(2,)]
