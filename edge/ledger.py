@@ -215,11 +215,13 @@ class Ledger:
                 if row["identity"] is None:  # a migrated row: it learns its full identity now
                     self.db.execute("UPDATE slides SET identity = ? WHERE id = ?", (identity, row["id"]))
                 return "known"
-            if same_stat and row["state"] in ("done", "failed") and row["sha256"] and not row["quarantined_to"]:
+            outcome = row["recheck"] or (row["state"] if row["state"] in ("done", "failed") else None)
+            if same_stat and outcome and row["sha256"] and not row["quarantined_to"]:
+                # (a second chmod while a recheck is pending keeps it a recheck of the same outcome)
                 self.db.execute(
                     "UPDATE slides SET identity = ?, state = 'queued', recheck = ?, version = version + 1, "
                     "attempts = 0, retry_after = ?, queued_at = ?, started_at = NULL WHERE id = ?",
-                    (identity, row["state"], due, now, row["id"]))
+                    (identity, outcome, due, now, row["id"]))
                 return "recheck"
             self.db.execute(
                 f"UPDATE slides SET {_REQUEUE_AS_NEW}, root = ?, relative = ?, path = ?, kind = ?, size = ?, "
@@ -336,6 +338,12 @@ class Ledger:
                     (now, job.id, job.version))
         return "queued"
 
+    def forget_outcome(self, job: Job) -> None:
+        """A recheck found other content: the earlier outcome no longer describes the file, and
+        must never be restored (not after a retry, nor after a crash)."""
+        self._write("UPDATE slides SET recheck = NULL, sha256 = NULL, label = NULL, confidence = NULL, "
+                    "needs_review = NULL, ms = NULL, result = NULL WHERE id = ? AND version = ?", (job.id, job.version))
+
     def restore(self, job: Job) -> bool:
         """A recheck found the same content: the slide keeps its earlier outcome."""
         return self._write("UPDATE slides SET state = recheck, recheck = NULL, attempts = 0 "
@@ -360,7 +368,8 @@ class Ledger:
         error = printable(error)
         if retry_in is not None:
             return self._write("UPDATE slides SET state = 'queued', error = ?, error_kind = ?, retry_after = ?, "
-                               "queued_at = ?, sha256 = COALESCE(?, sha256) WHERE id = ? AND version = ?",
+                               "queued_at = ?, recheck = NULL, sha256 = COALESCE(?, sha256) "
+                               "WHERE id = ? AND version = ?",
                                (error, kind, now + retry_in, now, sha256, job.id, job.version)) > 0
         return self._write("UPDATE slides SET state = 'failed', error = ?, error_kind = ?, finished_at = ?, "
                            "recheck = NULL, label = NULL, confidence = NULL, needs_review = NULL, result = NULL, "
@@ -409,11 +418,14 @@ def _migrate_v1(db: sqlite3.Connection, path: Path) -> None:
     for statement in _SCHEMA:
         db.execute(statement)
     best: dict[bytes, tuple[bytes, bytes, sqlite3.Row]] = {}
+    unplaced = 0
     for row in rows:
         relative = row["relative"]
         typed = row["path"]
-        root = Path(os.path.realpath(typed[: -len(relative) - 1] if typed.endswith("/" + relative)
-                                     else os.path.dirname(typed)))
+        typed_root = typed[: -len(relative) - 1] if typed.endswith("/" + relative) else os.path.dirname(typed)
+        if not os.path.isabs(typed_root) and not os.path.isdir(typed_root):
+            unplaced += 1  # typed relative to a folder this process does not start in
+        root = Path(os.path.realpath(typed_root))
         key = raw(root / relative)
         kept = best.get(key, (b"", b"", None))[2]
         if kept is None or (_RANK[row["state"]], row["finished_at"] or 0) >= (_RANK[kept["state"]],
@@ -435,5 +447,10 @@ def _migrate_v1(db: sqlite3.Connection, path: Path) -> None:
              row["finished_at"], row["label"], row["confidence"], row["needs_review"], row["ms"], row["result"],
              row["quarantined_to"]))
     db.execute("DROP TABLE slides_v1")
+    if unplaced:
+        logger.warning("%s: %d row(s) of the old ledger name their slide by a relative path that does not exist "
+                       "from %s; they were placed below it, and those slides will be classified again if they "
+                       "live elsewhere. Fix: start the first new run from the folder the old one ran in.",
+                       shown(path), unplaced, shown(os.getcwd()))
     logger.info("%s: ledger migrated to schema %d (%d rows of %d kept: one per slide; %d failed on a full disk "
                 "queued again)", shown(path), SCHEMA_VERSION, len(best), len(rows), requeued)

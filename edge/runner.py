@@ -280,6 +280,7 @@ class EdgeRunner:
                                 "its result", job.shown)
                     return Outcome(job, "unchanged")
                 return self._stale(job)
+            self._writing(lambda: self.ledger.forget_outcome(job))
             self._writing(lambda: remove_outputs(self.out, job.relative))  # they describe other content
         real = Path(os.path.realpath(job.path)) if job.kind == "dicom-folder" else checked[0].real
         try:
@@ -327,6 +328,16 @@ class EdgeRunner:
     def _maybe_written(job: Job) -> bool:
         """Its CSV row may exist already: a retry after a crash, a stop or a full disk."""
         return job.attempts > 1 or job.last_error_kind in ("output", "interrupted")
+
+    @staticmethod
+    def _unchanged(job: Job) -> bool:
+        """The slide's files still have the identity it was queued with (an unreadable or
+        vanished file counts as unchanged: the failure says so)."""
+        try:
+            signature = SlideUnit(job.path, job.kind, job.root).signature()
+        except OSError:
+            return True
+        return signature is None or job.describes(signature)
 
     def _changed(self, job: Job) -> Outcome:
         """The file is no longer the one that was queued (written again, replaced, swapped for
@@ -386,11 +397,17 @@ class EdgeRunner:
             logger.warning("retry %s in %.0f s (attempt %d of %d): %s", job.shown, delay, job.attempts,
                            self.options.max_attempts, without_path(message, job.path))
             return Outcome(job, "retry", error=message)
-        if not self._writing(lambda: self.ledger.failed(job, message, kind, retry_in=None, sha256=sha256)):
+        if not self.ledger.is_current(job):
             return self._stale(job)  # a replacement is queued: this failure is about a file that is gone
+        if not self._unchanged(job):
+            return self._changed(job)  # rewritten meanwhile: the failure may not hold (nor be quarantined)
+        # The CSV row first: a crash or a full disk between the two writes then leaves the slide
+        # to be tried again (and its row is not written twice), never failed without a row.
         row = csv_row("failed", job.path, self._result_id(job, sha256 or "-" * 16), error=message,
                       sha256=sha256 or "")
         self._writing(lambda: append_csv(self.out / CSV_NAME, row, skip_if_present=self._maybe_written(job)))
+        if not self._writing(lambda: self.ledger.failed(job, message, kind, retry_in=None, sha256=sha256)):
+            return self._stale(job)
         logger.error("failed %s ms=%.0f: %s", job.shown, seconds * 1000, without_path(message, job.path))
         if self.options.quarantine is not None:
             self._quarantine(job)
@@ -405,9 +422,9 @@ class EdgeRunner:
         moves = [(job.path, destination)]
         if job.kind == "mrxs" and job.path.with_suffix("").is_dir():
             moves.append((job.path.with_suffix(""), destination.with_suffix("")))
-        elif job.kind == "dicom-folder":  # only the series' instances: other files there are not this slide
-            moves = [(f, destination / f.name) for f in SlideUnit(job.path, job.kind, job.root).files()]
         try:
+            if job.kind == "dicom-folder":  # only the series' instances: other files there are not this slide
+                moves = [(f, destination / f.name) for f in SlideUnit(job.path, job.kind, job.root).files()]
             for source, target in moves:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(source), str(target))

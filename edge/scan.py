@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from lowmag.errors import UnsupportedSlideError
-from lowmag.names import shown
+from lowmag.names import printable, shown
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,10 @@ class SlideUnit:
                 info = _look(path, self.root)
             except FileNotFoundError:
                 return None
+            except OSError:
+                if self.skipped:  # an entry that cannot even be stat-ed is recorded as it is
+                    return ((path.name, -1, -1, -1, -1),)
+                raise
             entries.append((path.relative_to(base).as_posix(), info.st_size, info.st_mtime_ns, info.st_ino,
                             info.st_ctime_ns))
         return tuple(sorted(entries)) or None
@@ -222,7 +226,7 @@ def _sniffed_reason(path: Path) -> str:
         head = _head(os.path.realpath(path))  # a link here leads inside the watched folder
     except OSError as error:
         return f"it cannot be read ({error.strerror or error})."
-    suffix = _suffix(path.name) or "no extension"
+    suffix = printable(_suffix(path.name)) or "no extension"
     if len(head) == 132 and head[128:] == b"DICM":
         return ("a DICOM file outside a series folder or with an extension DICOM series do not use. Fix: put "
                 "the series' instances in a folder of their own, named .dcm or without extension.")
@@ -265,7 +269,31 @@ def _real_folder_below(folder: Path, root: Path) -> bool:
     return True
 
 
-def _walk(folder: Path, root: Path, excluded: set[Path], root_dicom: str) -> Iterator[SlideUnit]:
+#: Folders nested deeper than this below the watched folder are not searched (recorded as
+#: skipped): a hostile tree thousands of levels deep must not exhaust the stack or the time.
+MAX_DEPTH = 32
+
+
+def _walk(start: Path, root: Path, excluded: set[Path], root_dicom: str) -> Iterator[SlideUnit]:
+    """Depth-first over folders (iteratively: any depth is safe), sorted by name."""
+    base_depth = len(start.relative_to(root).parts)
+    stack = [start]
+    while stack:
+        folder = stack.pop()
+        depth = base_depth + len(folder.relative_to(start).parts)
+        subfolders = []
+        yield from _folder_units(folder, root, excluded, root_dicom, subfolders)
+        for sub in reversed(subfolders):
+            if depth + 1 > MAX_DEPTH:
+                yield SlideUnit(sub, "skipped", root, f"a folder nested more than {MAX_DEPTH} levels deep is not "
+                                "searched. Fix: move its slides closer to the watched folder.")
+            else:
+                stack.append(sub)
+
+
+def _folder_units(folder: Path, root: Path, excluded: set[Path], root_dicom: str,
+                  subfolders: list[Path]) -> Iterator[SlideUnit]:
+    """The units of one folder's own entries; its subfolders to walk are appended to ``subfolders``."""
     try:
         with os.scandir(folder) as listing:
             entries = sorted(listing, key=lambda e: e.name)
@@ -279,19 +307,22 @@ def _walk(folder: Path, root: Path, excluded: set[Path], root_dicom: str) -> Ite
         if is_temporary(entry.name):
             continue
         path = Path(entry.path)
-        if entry.is_dir(follow_symlinks=False):
-            if Path(os.path.realpath(path)) in excluded:
-                continue
-            if (entry.name + ".mrxs") in names or _vsi_data_folder(entry.name, names):
-                continue  # the data folder of the .mrxs/.vsi beside it
-            yield from _walk(path, root, excluded, root_dicom)
-            continue
-        if as_series and entry.name in series:
-            continue
         try:
+            if entry.is_dir(follow_symlinks=False):
+                if Path(os.path.realpath(path)) in excluded:
+                    continue
+                if (entry.name + ".mrxs") in names or _vsi_data_folder(entry.name, names):
+                    continue  # the data folder of the .mrxs/.vsi beside it
+                subfolders.append(path)
+                continue
+            if as_series and entry.name in series:
+                continue
             yield entry_unit(path, root, entry, in_series=as_series)
         except FileNotFoundError:
             continue  # renamed or removed since the folder was listed
+        except OSError as error:  # e.g. a folder one may list but not enter
+            yield SlideUnit(path, "skipped", root, f"it cannot be read ({error.strerror or error}). Fix: give "
+                            "the watcher's user read access.")
     if as_series:  # the series in root itself (run SERIES_FOLDER) is named from the folder above
         yield SlideUnit(folder, "dicom-folder", root if folder != root else root.parent)
 
@@ -439,7 +470,40 @@ def check_files(unit: SlideUnit) -> list[CheckedFile]:
         checked.append(CheckedFile(path, real, info.st_dev, info.st_ino))
     if not checked:
         raise UnsupportedSlideError(unit.path, "holds no slide files.", "nothing to do if it was emptied on purpose.")
+    if unit.kind == "dicom-folder":
+        _vet_folder(unit.path, unit.root, "DICOM series folder")
+    elif unit.kind == "mrxs" and unit.path.with_suffix("").is_dir():
+        _vet_folder(unit.path.with_suffix(""), unit.root, "MIRAX data folder")
     return checked
+
+
+def _vet_folder(folder: Path, root: Path, what: str) -> None:
+    """OpenSlide opens every entry of a DICOM series folder, not only the instances (and
+    MIRAX reads what its index names): each entry must be a regular file or a folder, and a
+    link must stay inside the watched folder. A FIFO would block the reader for ever."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except OSError as error:
+        raise UnsupportedSlideError(folder, f"cannot be listed ({error.strerror or error}).",
+                                    "check the folder's permissions.") from None
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if stat.S_ISLNK(mode):
+                if not _inside(path, root):
+                    raise UnsupportedSlideError(
+                        folder, f"holds {shown(entry.name)}, a symbolic link out of the watched folder {shown(root)}; "
+                        f"OpenSlide reads every file of a {what}, so it is not read.",
+                        "remove the link, or copy what it points to into the folder.")
+                mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            continue  # gone, or a broken link OpenSlide cannot open either
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UnsupportedSlideError(folder, f"holds {shown(entry.name)}, {_kind_of_file(mode)}; OpenSlide opens "
+                                        f"every file of a {what} and would block on it.",
+                                        "remove it from the folder.")
 
 
 def same_files(checked: list[CheckedFile]) -> bool:

@@ -33,7 +33,7 @@ from lowmag.edge.ledger import Job
 from lowmag.edge.results import remove_outputs
 from lowmag.edge.runner import Dispatcher, EdgeRunner, OutputUnavailable, output_problem
 from lowmag.edge.scan import Signature, SlideUnit, find_units, unit_for
-from lowmag.names import shown
+from lowmag.names import printable, shown
 
 logger = logging.getLogger("lowmag.edge")
 
@@ -53,6 +53,18 @@ class _Candidate:
     unit: SlideUnit
     signature: Signature | None
     changed_at: float
+    #: Not looked at again before this (monotonic seconds): a candidate that cannot be read
+    #: backs off instead of being retried, and warned about, at every tick.
+    not_before: float = 0.0
+    #: Since when it has had no files (an emptied series folder is dropped after a while).
+    empty_since: float | None = None
+    warned: bool = False
+
+
+#: A candidate that cannot be read is looked at again after this many seconds.
+UNREADABLE_BACKOFF_S = 30.0
+#: A candidate folder that stays empty this long stops being one (a rescan finds it again).
+EMPTY_FOR_S = 60.0
 
 
 def enqueue_unit(ledger: Ledger, out: Path, unit: SlideUnit, signature: Signature) -> str:
@@ -61,7 +73,7 @@ def enqueue_unit(ledger: Ledger, out: Path, unit: SlideUnit, signature: Signatur
     if unit.skipped:
         status = ledger.record_skipped(unit, signature, unit.skip_reason())
         if status != "known":
-            logger.info("skipped %s: %s", shown(unit.path), unit.skip_reason())
+            logger.info("skipped %s: %s", shown(unit.path), printable(unit.skip_reason()))
     else:
         status = ledger.enqueue(unit, signature)
     if status == "replaced":
@@ -99,7 +111,10 @@ class Watcher:
         """Make a candidate of every slide under root the ledger does not have as it is now."""
         found = 0
         for unit in find_units(self.root, self.exclude):
-            signature = unit.signature()
+            try:
+                signature = unit.signature()
+            except OSError:
+                signature = None  # unreadable now: the candidate says why, once
             if signature and self.runner.ledger.unchanged(unit, signature):
                 continue
             self._notice(unit)
@@ -123,11 +138,25 @@ class Watcher:
     def _settle(self) -> None:
         now = time.monotonic()
         for path, candidate in list(self.candidates.items()):
-            signature = candidate.unit.signature()
-            if signature is None:
-                if not candidate.unit.path.exists():
-                    del self.candidates[path]  # gone (moved away or renamed)
+            if now < candidate.not_before:
                 continue
+            try:
+                signature = candidate.unit.signature()
+            except OSError as error:  # e.g. its folder may be listed but not entered
+                if not candidate.warned:
+                    logger.warning("cannot read %s (%s); looking again every %.0f s", shown(path),
+                                   error.strerror or error, UNREADABLE_BACKOFF_S)
+                candidate.warned, candidate.not_before = True, now + UNREADABLE_BACKOFF_S
+                continue
+            if signature is None:
+                if not os.path.lexists(candidate.unit.path):
+                    del self.candidates[path]  # gone (moved away or renamed)
+                elif candidate.empty_since is None:
+                    candidate.empty_since = now
+                elif now - candidate.empty_since > max(EMPTY_FOR_S, self.options.settle_s):
+                    del self.candidates[path]  # a folder emptied for good (a rescan finds new files)
+                continue
+            candidate.empty_since = None
             if signature != candidate.signature:
                 candidate.signature = signature
                 candidate.changed_at = now
@@ -189,8 +218,14 @@ class Watcher:
                     self._drain_events()
                     self._settle()
                 except OSError as error:  # the folder changed under the scan (a rename, a vanished folder)
-                    logger.warning("scanning %s: %s; the next tick looks again", shown(self.root), error)
+                    logger.warning("scanning %s: %s; the next tick looks again", shown(self.root),
+                                   printable(error))
                     next_rescan = min(next_rescan, time.monotonic() + 5.0)
+                except Exception:  # noqa: BLE001 - a scan must never take the watcher down
+                    logger.exception("scanning %s failed; it is tried again in 5 s (please report this)",
+                                     shown(self.root))
+                    next_rescan = min(next_rescan, time.monotonic() + 5.0)
+                    self.stop.wait(5.0)
                 self.dispatcher.fill()
                 self.stop.wait(self.options.tick_s)
         finally:

@@ -23,6 +23,7 @@ from lowmag.errors import (
     SlideReadError,
     UnsupportedSlideError,
 )
+from lowmag.names import printable, shown
 from lowmag.resolution import PLAUSIBLE_MPP_RANGE, is_plausible_mpp
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class Slide:
         if level not in self.unreadable_levels:
             logger.warning(
                 "%s: pyramid level %d is unusable (%s); reading from finer levels instead",
-                self.info.path, level, error,
+                shown(self.info.path), level, printable(error),
             )
         self.unreadable_levels = self.unreadable_levels | {level}
 
@@ -314,7 +315,7 @@ def _resolve_mpp(
             if abs(metadata[0] - assume_mpp) / metadata[0] > 0.01:
                 logger.warning(
                     "%s: metadata says %.4g µm/px, using --assume-mpp %.4g as asked",
-                    path, metadata[0], assume_mpp,
+                    shown(path), metadata[0], assume_mpp,
                 )
         return float(assume_mpp), float(assume_mpp), "assumed"
     if metadata is None:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lowmag.names import shown
 from lowmag.reader import DEFAULT_MAX_SOURCE_PIXELS, Region, mpp_for_longest_side, read_at_mpp
 from lowmag.slide import Slide
 
@@ -167,7 +168,7 @@ def locate_tissue_and_overview(slide: Slide, params: TissueParams = TissueParams
             continue
         texture = float(np.median(gradient[inverse == i]))
         if texture < params.min_texture:
-            logger.debug("%s: dropping a flat-colour piece (texture %.2f)", info.path, texture)
+            logger.debug("%s: dropping a flat-colour piece (texture %.2f)", shown(info.path), texture)
             continue
         x0 = max(0, int(math.floor(x_min[i] * sx - pad_x)))
         y0 = max(0, int(math.floor(y_min[i] * sy - pad_y)))

@@ -14,7 +14,11 @@ import numpy as np
 _OFFSET_TAGS = {273: 279, 324: 325}  # StripOffsets/StripByteCounts, TileOffsets/TileByteCounts
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
 _TYPE_CODES = {3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}
-_MAX_DIRECTORIES = 10_000
+#: Bounds on the work one check may do (a hostile header could ask for hours of it): past
+#: them the check says nothing rather than something slow.
+_MAX_DIRECTORIES = 1_000
+_MAX_ENTRIES = 100_000
+_MAX_VALUES = 4_000_000
 
 
 def truncation_problem(path: str | Path) -> str | None:
@@ -51,6 +55,7 @@ def _tiff_problem(handle, size: int) -> str | None:
         return None
     count_fmt, entry_size, next_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
     seen = set()
+    entries_read = 0
     for _ in range(_MAX_DIRECTORIES):
         if offset == 0 or offset in seen:
             return None
@@ -59,6 +64,9 @@ def _tiff_problem(handle, size: int) -> str | None:
             return _cut(size, offset)
         handle.seek(offset)
         count = struct.unpack(order + count_fmt, handle.read(struct.calcsize(count_fmt)))[0]
+        entries_read += count
+        if entries_read > _MAX_ENTRIES:
+            return None
         end = offset + struct.calcsize(count_fmt) + count * entry_size + struct.calcsize(next_fmt)
         if end > size:
             return _cut(size, end)
@@ -87,6 +95,8 @@ def _tiff_problem(handle, size: int) -> str | None:
 def _read_values(handle, order: str, kind: int, n: int, field: bytes, big: bool, size: int) -> np.ndarray | None:
     code = _TYPE_CODES.get(kind)
     if code is None:
+        return None
+    if n > _MAX_VALUES:
         return None
     nbytes = _TYPE_SIZES[kind] * n
     if nbytes <= len(field):

@@ -319,3 +319,47 @@ def test_a_slide_written_again_after_it_was_queued_is_classified_once_as_it_is_n
         assert again.version == job.version + 1 and runner.process(again).status == "done"
     [row] = csv_rows(runner.out)
     assert row["sha256"] == sha256_file(path)
+
+
+def test_a_failure_whose_ledger_write_hits_a_full_disk_is_recorded_once_when_space_returns(
+        onnx_bundle, tmp_path, monkeypatch):
+    with in_process(onnx_bundle, tmp_path) as (scans, ledger, runner):
+        path = scans / "a.svs"
+        path.write_bytes(b"not a slide")
+        unit = SlideUnit(path, "file", scans)
+        ledger.enqueue(unit, unit.signature())
+        real_failed = ledger.failed
+
+        def full_once(*args, **kwargs):
+            monkeypatch.setattr(ledger, "failed", real_failed)
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(ledger, "failed", full_once)
+        assert runner.process(ledger.claim()).status == "paused"  # its CSV row is written, the ledger's not
+        assert runner.gate.blocked and ledger.counts()["queued"] == 1
+        monkeypatch.setattr(runner.gate, "_next_probe", 0.0)
+        assert runner.gate.is_open(ledger)  # the probe write works: resume
+        assert runner.process(ledger.claim()).status == "failed"
+    assert [r["status"] for r in csv_rows(runner.out)] == ["failed"]
+    assert ledger_states(runner.out) == {str(path): "failed"}
+
+
+def test_a_slide_replaced_while_it_failed_is_neither_failed_nor_quarantined(onnx_bundle, slide_factory, tmp_path):
+    from lowmag.errors import UnsupportedSlideError
+
+    with in_process(onnx_bundle, tmp_path, quarantine=tmp_path / "quarantine") as (scans, ledger, runner):
+        path = scans / "case.svs"
+        path.write_bytes(b"not a slide")
+        unit = SlideUnit(path, "file", scans)
+        ledger.enqueue(unit, unit.signature())
+
+        class ReplacedMeanwhile:
+            def classify(self, *args, **kwargs):
+                shutil.copy(small(slide_factory, "good.tif", 3), path)  # rsync renames the rescan into place
+                raise UnsupportedSlideError(path, "not a slide format.")
+
+        runner._local.classifier = ReplacedMeanwhile()
+        assert runner.process(ledger.claim()).status == "stale"
+        assert path.exists() and not (tmp_path / "quarantine").exists()
+        assert not (runner.out / "summary.csv").exists()
+        assert ledger_states(runner.out) == {str(path): "queued"}  # the new file, due once it settled

@@ -287,3 +287,27 @@ def test_a_ledger_from_a_newer_lowmag_is_refused_with_the_fix(tmp_path: Path) ->
     db.close()
     with pytest.raises(LedgerVersionError, match="newer lowmag.*upgrade lowmag"):
         Ledger(out)
+
+
+def test_a_recheck_that_found_other_content_never_restores_the_old_outcome(ledger: Ledger) -> None:
+    add(ledger, "a.svs")
+    assert finish(ledger, ledger.claim())
+    assert add(ledger, "a.svs", ctime_ns=2) == "recheck"
+    job = ledger.claim()
+    ledger.forget_outcome(job)  # the runner hashed other content
+    ledger.failed(job, "read error", "transient", retry_in=0, sha256="1" * 64)  # and its read then failed
+
+    again = ledger.claim()
+    assert again.recheck is None and not ledger.restore(again)
+    assert row(ledger, "a.svs")["label"] is None
+
+
+def test_a_second_metadata_change_while_a_recheck_waits_keeps_it_a_recheck(ledger: Ledger) -> None:
+    add(ledger, "a.svs")
+    assert finish(ledger, ledger.claim())
+    assert add(ledger, "a.svs", ctime_ns=2) == "recheck"  # chmod
+    assert add(ledger, "a.svs", ctime_ns=3) == "recheck"  # chmod again before it was claimed
+
+    job = ledger.claim()
+    assert (job.recheck, job.sha256) == ("done", "0" * 64)
+    assert ledger.restore(job) and row(ledger, "a.svs")["label"] == "tumour"

@@ -203,3 +203,37 @@ def test_a_slide_folder_that_goes_away_has_no_signature(tmp_path: Path) -> None:
     (tmp_path / "series1").rename(tmp_path / "moved")  # e.g. to the quarantine, while still a candidate
 
     assert unit.signature() is None
+
+
+def test_every_entry_of_a_dicom_series_folder_is_vetted_because_openslide_opens_them_all(tmp_path: Path) -> None:
+    root, outside = tmp_path / "scans", tmp_path / "elsewhere"
+    put(root / "series" / "1.dcm")
+    series = SlideUnit(root / "series", "dicom-folder", root)
+    assert [c.path.name for c in check_files(series)] == ["1.dcm"]
+
+    os.mkfifo(root / "series" / "notes")  # not an instance, but OpenSlide would block opening it
+    with pytest.raises(UnsupportedSlideError, match="holds notes, a named pipe .* would block on it"):
+        check_files(series)
+    (root / "series" / "notes").unlink()
+    (root / "series" / "inst2").symlink_to(put(outside / "other.dcm"))  # no extension: no instance to the scan
+    with pytest.raises(UnsupportedSlideError, match="holds inst2, a symbolic link out of the watched folder"):
+        check_files(series)
+
+
+def test_a_tree_nested_deeper_than_the_limit_is_skipped_not_a_crash(tmp_path: Path) -> None:
+    import sys
+
+    from lowmag.edge.scan import MAX_DEPTH
+
+    put(tmp_path / "/".join(["d"] * 300) / "x.svs")
+    put(tmp_path / "d" / "ok.svs")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(200)  # a walk that recursed per level (as it did) fails here; 1,200 levels hit 1,000
+    try:
+        found = list(find_units(tmp_path))
+    finally:
+        sys.setrecursionlimit(limit)
+
+    assert {u.relative: u.kind for u in found if not u.skipped} == {"d/ok.svs": "file"}
+    [too_deep] = [u for u in found if u.skipped]
+    assert len(Path(too_deep.relative).parts) == MAX_DEPTH + 1 and "nested more than" in too_deep.skip_reason()
