@@ -65,6 +65,9 @@ class ModelSpec:
     #: Written by export-student only: target, files, source checkpoint, tool versions,
     #: runtime settings, calibration and the parity/accuracy gate results (plain JSON).
     export: Mapping[str, Any] = field(default_factory=dict)
+    #: What the training images looked like at ``target_mpp`` (``lowmag.fingerprint``); the
+    #: edge runner flags slides unlike them. Empty in specs written before it existed.
+    fingerprint: Mapping[str, Any] = field(default_factory=dict)
     spec_version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -88,6 +91,9 @@ class ModelSpec:
         data["export"] = json.loads(json.dumps(self.export))
         if not data["export"]:
             del data["export"]  # checkpoints carry no export section
+        data["fingerprint"] = json.loads(json.dumps(self.fingerprint))
+        if not data["fingerprint"]:
+            del data["fingerprint"]
         return data
 
     def to_json(self) -> str:
@@ -137,6 +143,8 @@ class ModelSpec:
                 artifacts=dict(data.get("artifacts", {})),
                 export=dict(data.get("export", {})) if isinstance(data.get("export", {}), Mapping)
                 else data["export"],
+                fingerprint=dict(data.get("fingerprint", {})) if isinstance(data.get("fingerprint", {}), Mapping)
+                else data["fingerprint"],
                 spec_version=version,
             )
         except SpecError as error:
@@ -297,6 +305,12 @@ def _validate(spec: ModelSpec) -> list[str]:
                 problems.append(f"artifact {name!r} needs a 64-character lowercase sha256, got {digest!r}")
     if not isinstance(spec.export, Mapping):
         problems.append("export must be an object (written by export-student)")
+    if not isinstance(spec.fingerprint, Mapping):
+        problems.append("fingerprint must be an object (written by distill-train or export-student)")
+    elif spec.fingerprint:
+        from lowmag.fingerprint import Fingerprint
+
+        problems += [f"fingerprint: {p}" for p in Fingerprint(spec.fingerprint).check()]
     prov = spec.provenance
     if not isinstance(prov, Provenance):
         problems.append("provenance must be an object")

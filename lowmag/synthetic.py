@@ -98,3 +98,68 @@ def write_in_pieces(source: str | Path, target: str | Path, pieces: int, pause: 
             handle.write(data[start:start + step])
             handle.flush()
             time.sleep(pause)
+
+
+def write_tissue_mosaic(source: str | Path, target: str | Path, pieces: int = 2, gap_um: float = 400.0) -> Path:
+    """A slide of ``pieces`` separate pieces of real tissue on glass: the tissue of ``source``
+    (a real slide) cut into that many bands, laid side by side with ``gap_um`` of glass
+    between them, at the source's µm/px and never upsampled (a multi-piece slide from the
+    one real slide a machine has)."""
+    from lowmag.reader import read_at_mpp
+    from lowmag.slide import open_slide
+    from lowmag.tissue import locate_tissue
+
+    with open_slide(source) as slide:
+        mpp = slide.info.mpp
+        box = max(locate_tissue(slide), key=lambda b: b.width * b.height)
+        rgb = read_at_mpp(slide, mpp, box.region, exact=True)
+    rng = np.random.default_rng(0)
+    gap = int(round(gap_um / mpp))
+    bands = np.array_split(rgb, pieces, axis=0)
+    height = max(b.shape[0] for b in bands) + 2 * gap
+    width = sum(b.shape[1] for b in bands) + (pieces + 1) * gap
+    canvas = np.full((height, width, 3), 244, np.uint8)
+    canvas += rng.integers(0, 6, size=(height, width, 1), dtype=np.uint8)  # glass noise
+    x = gap
+    for band in bands:
+        canvas[gap:gap + band.shape[0], x:x + band.shape[1]] = band
+        x += band.shape[1] + gap
+    return make_synthetic_slide(target, width, height, mpp=mpp, pixels=canvas)
+
+
+#: Ways to turn a real H&E slide into one a model trained on H&E must not answer for.
+VARIANTS = ("fluorescence", "greyscale", "blurred", "inverted")
+
+
+def write_variant(source: str | Path, target: str | Path, kind: str, blur_um: float = 4.0) -> Path:
+    """Write ``source`` (a real brightfield slide) as a pyramidal TIFF at the same µm/px,
+    changed the way other modalities or bad scans look, from real tissue, never upsampled:
+
+    - ``fluorescence``: inverted and reduced to one (green) channel on a black background;
+    - ``greyscale``: the grey level of each pixel, no colour;
+    - ``blurred``: out of focus by a Gaussian of ``blur_um`` µm (beyond a 5x model's detail);
+    - ``inverted``: every channel inverted (a brightfield scan saved as a negative).
+    """
+    import pyvips
+
+    from lowmag.reader import read_at_mpp
+    from lowmag.slide import open_slide
+
+    with open_slide(source) as slide:
+        mpp = slide.info.mpp
+        rgb = read_at_mpp(slide, mpp, exact=True)
+    if kind == "fluorescence":
+        signal = 255 - rgb.astype(np.float32).mean(axis=2)
+        pixels = np.zeros_like(rgb)
+        pixels[..., 1] = np.clip(signal * 1.5, 0, 255).astype(np.uint8)  # background ~0, tissue bright
+    elif kind == "greyscale":
+        grey = np.rint(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+        pixels = np.repeat(grey[..., None], 3, axis=2)
+    elif kind == "blurred":
+        image = pyvips.Image.new_from_array(np.ascontiguousarray(rgb), interpretation="srgb")
+        pixels = image.gaussblur(blur_um / mpp, precision="float").cast("uchar").numpy()
+    elif kind == "inverted":
+        pixels = 255 - rgb
+    else:
+        raise ValueError(f"kind must be one of {', '.join(VARIANTS)}, got {kind!r}")
+    return make_synthetic_slide(target, pixels.shape[1], pixels.shape[0], mpp=mpp, pixels=pixels)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -101,15 +101,73 @@ def colour_saturation(rgb: np.ndarray) -> np.ndarray:
     return ((high - pixels.min(axis=2)) / np.maximum(high, 1.0)).astype(np.float32)
 
 
-def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams()) -> np.ndarray:
-    """Boolean tissue mask of an RGB image at ``mpp`` (before removing small pieces)."""
+@dataclass(frozen=True)
+class Modality:
+    """What kind of image the tissue step saw: ``brightfield`` (stained tissue on bright
+    glass, what lowmag's models are trained on), ``dark-background`` (fluorescence, or an
+    inverted image) or ``greyscale`` (no colour anywhere); ``reason`` says why, for people."""
+
+    kind: str
+    background: float  # brightness (0-255) of the background the step found
+    reason: str = ""
+
+    @property
+    def brightfield(self) -> bool:
+        return self.kind == "brightfield"
+
+
+#: A slide with at least this share of neutral near-black pixels (brightness below 40,
+#: R, G and B within 20 of each other) has a dark background: fluorescence, or an inverted
+#: image. Dense H&E tissue is dark but coloured (the Kather tiles reach 10 % at most).
+DARK_BACKGROUND_SHARE = 0.3
+#: A slide whose pixels all stay below this saturation (99.9th percentile) has no colour...
+GREYSCALE_SATURATION = 0.05
+#: ...and is greyscale tissue, not blank glass, when this share is darker than the glass.
+GREYSCALE_TISSUE_SHARE = 0.02
+
+
+def overview_modality(rgb: np.ndarray, params: TissueParams | None = None) -> Modality:
+    """Brightfield, dark-background or greyscale, judged on the whole-slide overview."""
+    params = params or TissueParams()
+    pixels = rgb.astype(np.float32)
+    brightness = pixels.mean(axis=2)
+    neutral_dark = (brightness < 40) & (pixels.max(axis=2) - pixels.min(axis=2) < 20)
+    if neutral_dark.mean() >= DARK_BACKGROUND_SHARE:
+        level = float(np.median(brightness[neutral_dark]))
+        return Modality("dark-background", level, f"the background is dark ({neutral_dark.mean():.0%} of the slide "
+                        f"is near-black, brightness {level:.0f}/255, where glass is bright): a fluorescence or "
+                        "inverted image, not a brightfield scan")
+    saturation = colour_saturation(rgb)
+    plain = saturation < params.min_saturation
+    background = float(np.median(brightness[plain] if plain.mean() >= 0.2 else brightness))
+    if float(np.quantile(saturation, 0.999)) < GREYSCALE_SATURATION:
+        glass = float(np.quantile(brightness, 0.9))
+        if (brightness < glass - 30).mean() >= GREYSCALE_TISSUE_SHARE:
+            return Modality("greyscale", glass, "the slide has no colour at all: a greyscale or single-channel "
+                            "image, not a stained brightfield scan")
+    return Modality("brightfield", background)
+
+
+def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams(),
+                modality: Modality | None = None) -> np.ndarray:
+    """Boolean tissue mask of an RGB image at ``mpp`` (before removing small pieces).
+
+    Brightfield: coloured pixels (saturation above Otsu's threshold). On a dark background
+    the signal is what is brighter than it, on a greyscale slide what is darker than it, so
+    neither becomes one box covering the whole slide."""
     import pyvips
 
-    saturation = colour_saturation(rgb)
-    sat_image = pyvips.Image.new_from_array(saturation).gaussblur(1.0, precision="float")
-    saturation = sat_image.numpy().reshape(saturation.shape)
-    threshold = max(_otsu(saturation), params.min_saturation)
-    mask = (saturation > threshold).astype(np.uint8) * 255
+    kind = modality.kind if modality is not None else "brightfield"
+    if kind == "brightfield":
+        signal = colour_saturation(rgb)
+    else:
+        brightness = rgb.astype(np.float32).mean(axis=2) / 255.0
+        signal = brightness if kind == "dark-background" else 1.0 - brightness
+    sat_image = pyvips.Image.new_from_array(np.ascontiguousarray(signal, np.float32)).gaussblur(1.0,
+                                                                                               precision="float")
+    signal = sat_image.numpy().reshape(signal.shape)
+    threshold = max(_otsu(signal), params.min_saturation)
+    mask = (signal > threshold).astype(np.uint8) * 255
 
     image = pyvips.Image.new_from_array(mask)
     close_r = max(1, int(round(params.close_um / mpp)))
@@ -119,17 +177,28 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams
     return image.numpy().reshape(mask.shape) > 127
 
 
+class TissueFinding(NamedTuple):
+    """The tissue step's answer: the boxes, the overview they were found on, and what kind
+    of image the slide is (``Modality``)."""
+
+    boxes: list[TissueBox]
+    overview: np.ndarray
+    modality: Modality
+
+
 def locate_tissue(slide: Slide, params: TissueParams = TissueParams()) -> list[TissueBox]:
     """Bounding boxes of the tissue pieces, top to bottom then left to right."""
-    return locate_tissue_and_overview(slide, params)[0]
+    return find_tissue(slide, params).boxes
 
 
-def locate_tissue_and_overview(slide: Slide, params: TissueParams = TissueParams(),
-                               max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
-                               should_stop: Callable[[], bool] | None = None) -> tuple[list[TissueBox], np.ndarray]:
-    """The tissue boxes and the low-resolution image of the whole slide they were found on.
+def find_tissue(slide: Slide, params: TissueParams = TissueParams(),
+                max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
+                should_stop: Callable[[], bool] | None = None) -> TissueFinding:
+    """The tissue boxes, the low-resolution image of the whole slide they were found on,
+    and the slide's modality (a fluorescence or greyscale slide is recognised here, with
+    its reason, and its signal boxed, instead of one box covering the whole slide).
 
-    The edge runner draws its thumbnail on that image instead of reading the slide again.
+    The edge runner draws its thumbnail on the overview instead of reading the slide again.
     The overview read is bounded like any other (``read_at_mpp``'s ``max_source_pixels``).
     """
     import pyvips
@@ -137,9 +206,12 @@ def locate_tissue_and_overview(slide: Slide, params: TissueParams = TissueParams
     info = slide.info
     mpp = analysis_mpp(slide, params)
     rgb = read_at_mpp(slide, mpp, max_source_pixels=max_source_pixels, should_stop=should_stop)
-    mask = tissue_mask(rgb, mpp, params)
+    modality = overview_modality(rgb, params)
+    if not modality.brightfield:
+        logger.info("%s: %s", shown(info.path), modality.reason)
+    mask = tissue_mask(rgb, mpp, params, modality)
     if not mask.any():
-        return [], rgb
+        return TissueFinding([], rgb, modality)
     labels = pyvips.Image.new_from_array(mask.astype(np.uint8)).labelregions().numpy()
     labels = labels.reshape(mask.shape)
     ys, xs = np.nonzero(mask)
@@ -176,7 +248,7 @@ def locate_tissue_and_overview(slide: Slide, params: TissueParams = TissueParams
         y1 = min(info.height, int(math.ceil((y_max[i] + 1) * sy + pad_y)))
         boxes.append(TissueBox(x0, y0, x1 - x0, y1 - y0, info.mpp_x, info.mpp_y, area_um2))
     boxes.sort(key=lambda b: (b.y, b.x))
-    return boxes, rgb
+    return TissueFinding(boxes, rgb, modality)
 
 
 def _gradient(rgb: np.ndarray) -> np.ndarray:
