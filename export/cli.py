@@ -64,6 +64,10 @@ _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads for the gate.")
 @click.option("--force", is_flag=True, help="Replace an existing --out bundle (only once the new one passed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sampling.")
+@click.option("--refresh-fingerprint", is_flag=True,
+              help="Make the bundle's fingerprint of its training data from the --calibration images (threshold "
+                   "on the held-out parity images) instead of keeping the checkpoint's: for checkpoints without "
+                   "one, or to describe the slides a lab really scans.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @handle_errors
 def export_command(checkpoint: Path, out: Path, profile: str | None, verbose: int, **options) -> None:
@@ -105,6 +109,13 @@ def summarise(spec, out: Path, verb: str = "wrote") -> str:
             f"{temperature['ece_after']:.3f} on {temperature['images']} validation images"
             + ("" if temperature.get("applied", True) else f" (not applied: {temperature['why']}; spec keeps 1.0)")
         )
+    fingerprint = spec.fingerprint
+    if fingerprint:
+        lines.append(f"fingerprint of the training data: {fingerprint['images']} images ({fingerprint['source']}), "
+                     f"threshold {fingerprint['threshold']:g} ({fingerprint['held_out_images']} held-out images)")
+    else:
+        lines.append("no fingerprint of the training data: edge-classify will only check slides are brightfield "
+                     "(pass --refresh-fingerprint with --calibration to add one)")
     if gate.get("warning"):
         lines.append(f"WARNING: {gate['warning']} (allowed by --allow-accuracy-drop)")
     return "\n".join(lines)

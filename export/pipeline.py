@@ -59,6 +59,7 @@ class ExportOptions:
     force: bool = False
     seed: int = 0
     progress: bool = False
+    refresh_fingerprint: bool = False
 
 
 def tool_versions() -> dict[str, str]:
@@ -82,6 +83,8 @@ def _preflight(checkpoint: Path, out: Path, options: ExportOptions) -> None:
             "an export proves itself on real images: pass --calibration (unlabeled slides or images) "
             "and/or --eval-images DIR --mpp X (labeled)"
         )
+    if options.refresh_fingerprint and not options.calibration:
+        problems.append("--refresh-fingerprint makes the fingerprint from the --calibration images: pass them")
     if (options.eval_images or options.val_images) and options.mpp is None:
         problems.append("--eval-images/--val-images need --mpp (their µm/px)")
     if options.target == "tensorrt":
@@ -155,7 +158,7 @@ def export_student(checkpoint: str | Path, out: str | Path, options: ExportOptio
         if options.calibration:
             cset = sample_calibration_set(
                 options.calibration, spec.target_mpp,
-                size=options.calibration_size if options.precision == "int8" else 0,
+                size=options.calibration_size if options.precision == "int8" or options.refresh_fingerprint else 0,
                 holdout=options.parity_images, patch_px=options.patch_px, image_mpp=options.calibration_mpp,
                 seed=options.seed, cache_dir=options.calibration_cache, progress=options.progress,
             )
@@ -234,8 +237,18 @@ def export_student(checkpoint: str | Path, out: str | Path, options: ExportOptio
             "exported_by_git_sha": git_sha(),
             **built.extra,
         }
+        fingerprint = dict(spec.fingerprint)
+        if options.refresh_fingerprint:
+            from lowmag.fingerprint import Fingerprint
+
+            sources = ", ".join(str(p) for p in options.calibration)
+            fingerprint = Fingerprint.build(calibration, holdout, spec.target_mpp,
+                                            source=f"export-student calibration images of {sources}").data
+        export_section["fingerprint"] = ("refreshed from the calibration images" if options.refresh_fingerprint
+                                         else "the checkpoint's" if fingerprint else None)
         bundle_spec = dataclasses.replace(
-            spec, precision=options.precision, temperature=temperature, artifacts={}, export=export_section
+            spec, precision=options.precision, temperature=temperature, artifacts={}, export=export_section,
+            fingerprint=fingerprint,
         ).with_artifacts(work, sorted(set(built.files.values())))
         write_spec(bundle_spec, work)
         _move_into_place(work, out, options.force)

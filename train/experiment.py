@@ -13,6 +13,7 @@ import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from lowmag.errors import LowmagError
 from lowmag.io import atomic_write_text
@@ -203,7 +204,27 @@ class Experiment:
                 data={name: describe(self.items(name), self.classes) for name in self._dataset[1]},
                 seed=self.step_seed(step),
             ),
+            fingerprint=self.fingerprint(step),
         )
+
+    def fingerprint(self, step: Step) -> dict[str, Any]:
+        """What the step's training images looked like at its µm/px (``lowmag.fingerprint``),
+        its threshold set on the validation images; empty (with a warning) when there are too
+        few images to make one."""
+        from lowmag.fingerprint import Fingerprint
+
+        parts = [LABELED] + ([UNLABELED] if step.regime != LABELED and self.items_or_empty(UNLABELED) else [])
+        training = [self.cache(part, step.resolution) for part in parts]
+        held_out = self.cache("val", step.resolution) if self.items_or_empty("val") else []
+        try:
+            made = Fingerprint.build((c[i] for c in training for i in range(len(c))),
+                                     (held_out[i] for i in range(len(held_out))), self.mpp(step.resolution),
+                                     source=f"distill-train {step.name}: {' + '.join(parts)} images, threshold on val")
+        except LowmagError as error:
+            log.warning("%s: no fingerprint of the training data (%s); edge-classify will only check that "
+                        "slides are brightfield", step.name, error)
+            return {}
+        return made.data
 
 
 def _comparable(config: dict) -> dict:

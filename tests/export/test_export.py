@@ -301,3 +301,26 @@ def test_bench_times_the_bundle_next_to_pytorch_eager(student, he_eval, tmp_path
     assert piece["side_px"] == 200 and piece["median_ms"] > 0 and piece["speedup_vs_eager"] > 0
     assert report["machine"]["threads_used"] == 1 and report["machine"]["tools"]["onnxruntime"]
     assert "| onnxruntime | fp32 |" in (tmp_path / "b" / "results.md").read_text()
+
+
+def test_the_bundle_keeps_the_checkpoints_fingerprint_or_refreshes_it_from_calibration_slides(
+        student, he_eval, synthetic_slide, tmp_path):
+    kept = tmp_path / "kept"
+    assert export([student, "--out", kept, "--eval-images", he_eval, "--mpp", SCAN_MPP]).exit_code == 0
+    checkpoint = json.loads((student / "lowmag.json").read_text()).get("fingerprint", {})
+    assert load_bundle(kept).spec.fingerprint == checkpoint
+    assert load_bundle(kept).spec.export["fingerprint"] == ("the checkpoint's" if checkpoint else None)
+
+    fresh = tmp_path / "fresh"
+    result = export([student, "--out", fresh, "--calibration", synthetic_slide, "--patch-px", "32",
+                     "--calibration-size", "60", "--parity-images", "24", "--refresh-fingerprint"])
+    assert result.exit_code == 0, result.output
+    spec = load_bundle(fresh).spec
+    assert spec.fingerprint["source"].startswith("export-student calibration images of")
+    assert spec.fingerprint["mpp"] == spec.target_mpp and spec.fingerprint["held_out_images"] > 0
+    assert "fingerprint of the training data" in result.output
+
+    refused = CliRunner().invoke(main, [str(student), "--out", str(tmp_path / "no"), "--eval-images", str(he_eval),
+                                        "--mpp", str(SCAN_MPP), "--refresh-fingerprint"])
+    assert refused.exit_code == 1 and "--refresh-fingerprint makes the fingerprint from the --calibration" in \
+        refused.output
