@@ -68,10 +68,14 @@ rm -rf "$OUT/splits" "$OUT/bundle-onnx-int8"
 step "The main job: edge-classify watching a scan folder that a scanner fills"
 rm -rf "$OUT/scans" "$OUT/edge"
 mkdir -p "$OUT/scans"
-"$BIN/python" - "$OUT/synthetic-two-pieces.tif" <<'PY'
+"$BIN/python" - "$OUT/two-pieces.tif" "$SLIDE" "$OUT/fluorescence-like.tif" <<'PY'
 import sys
-from lowmag.synthetic import make_synthetic_slide
-make_synthetic_slide(sys.argv[1], 4096, 3072, mpp=0.5, seed=3)
+from lowmag.synthetic import write_tissue_mosaic, write_variant
+# Two pieces of the slide's real tissue side by side on glass: a multi-piece slide.
+write_tissue_mosaic(sys.argv[2], sys.argv[1], pieces=2)
+# The same real tissue as a fluorescence scan (inverted, one channel, black background): the
+# bundle was trained on brightfield H&E, so edge-classify flags it instead of answering quietly.
+write_variant(sys.argv[2], sys.argv[3], "fluorescence")
 PY
 # The demo student learned from 32 px tiles (64 px at 1 µm/px), so tissue pieces are classified
 # as tiles of that size (--max-piece-px 32) and merged; students trained on whole pieces need no such cap.
@@ -80,7 +84,7 @@ PY
 WATCHER=$!
 trap 'kill $WATCHER 2>/dev/null || true' EXIT
 "$BIN/python" demo/scanner.py "$OUT/scans" "$OUT/edge" "$SLIDE" "$OUT/pyramid.tif" \
-  "$OUT/synthetic-two-pieces.tif" "$OUT/no-pixel-size.tif"
+  "$OUT/two-pieces.tif" "$OUT/no-pixel-size.tif" "$OUT/fluorescence-like.tif"
 kill -TERM "$WATCHER"
 wait "$WATCHER"
 trap - EXIT

@@ -52,10 +52,12 @@ def main(scans: Path, out: Path, slides: list[Path]) -> int:
         result = output_paths(out, relative)["json"]
         if result.exists():
             doc = json.loads(result.read_text())
-            res = doc["result"]
+            res, distribution = doc["result"], doc["distribution"]
             review = "  (needs review)" if res["needs_review"] else ""
             print(f"{relative}: {res['label']} {res['confidence']:.2f}, {len(doc['tissue'])} tissue piece(s), "
                   f"{doc['timings_ms']['total']:.0f} ms{review}")
+            print(f"    {distribution['verdict'].replace('_', ' ')}"
+                  + (": " + "; ".join(distribution["reasons"]) if distribution["reasons"] else ""))
             print(f"    {result}\n    {result.with_suffix('.geojson')}\n    {result.with_suffix('.png')}")
         else:
             print(f"{relative}: failed (see edge-classify status)")

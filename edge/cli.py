@@ -46,6 +46,9 @@ def _engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Refuse a slide whose tissue at the model's magnification exceeds this many pixels."),
         click.option("--review-threshold", type=click.FloatRange(0, 1), default=0.6, show_default=True,
                      help="needs_review when the slide's calibrated confidence is below this."),
+        click.option("--ood", type=click.Choice(["flag", "refuse"]), default="flag", show_default=True,
+                     help="Slides unlike the model's training data (fluorescence, IHC, greyscale, out of focus...): "
+                          "flag = classify, set needs_review and give the reasons; refuse = record as failed."),
         click.option("--assume-mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
                      help="Level-0 µm/px for slides without one (applies to every slide: use with care)."),
         click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
@@ -61,7 +64,7 @@ def _engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _setup(model: Path, out: Path, backend: str, device: str, threads: int | None, workers: int,
-           max_piece_px: int, pixel_budget: int, review_threshold: float, assume_mpp: float | None,
+           max_piece_px: int, pixel_budget: int, review_threshold: float, ood: str, assume_mpp: float | None,
            max_attempts: int, quarantine: Path | None, rebuild_engine: bool, retry_delay_s: float,
            settle_s: float = 2.0):
     from lowmag.bundle import load_bundle
@@ -74,7 +77,11 @@ def _setup(model: Path, out: Path, backend: str, device: str, threads: int | Non
     for warning in choice.warnings:
         logger.warning(warning)
     config = PipelineConfig(max_piece_px=max_piece_px, pixel_budget=pixel_budget,
-                            review_threshold=review_threshold, assume_mpp=assume_mpp)
+                            review_threshold=review_threshold, assume_mpp=assume_mpp, ood=ood)
+    if not bundle.spec.fingerprint:
+        logger.warning("%s has no fingerprint of its training data (exported by an older lowmag): slides are only "
+                       "checked for being brightfield, not for being like the training data. Re-export it with "
+                       "export-student --refresh-fingerprint to add one.", bundle.directory)
     options = RunnerOptions(workers=workers, threads=threads, max_attempts=max_attempts, retry_delay_s=retry_delay_s,
                             settle_s=settle_s,
                             quarantine=quarantine, rebuild_engine=rebuild_engine)

@@ -74,6 +74,7 @@ _SCHEMA = (
     label TEXT,
     confidence REAL,
     needs_review INTEGER,
+    distribution TEXT,
     ms REAL,
     result TEXT,
     quarantined_to TEXT
@@ -85,7 +86,7 @@ _SCHEMA = (
 _REQUEUE_AS_NEW = (
     "state = 'queued', version = version + 1, attempts = 0, error = NULL, error_kind = NULL, retry_after = NULL, "
     "started_at = NULL, finished_at = NULL, label = NULL, confidence = NULL, needs_review = NULL, ms = NULL, "
-    "result = NULL, quarantined_to = NULL, recheck = NULL, sha256 = NULL"
+    "result = NULL, quarantined_to = NULL, recheck = NULL, sha256 = NULL, distribution = NULL"
 )
 
 
@@ -342,7 +343,8 @@ class Ledger:
         """A recheck found other content: the earlier outcome no longer describes the file, and
         must never be restored (not after a retry, nor after a crash)."""
         self._write("UPDATE slides SET recheck = NULL, sha256 = NULL, label = NULL, confidence = NULL, "
-                    "needs_review = NULL, ms = NULL, result = NULL WHERE id = ? AND version = ?", (job.id, job.version))
+                    "needs_review = NULL, ms = NULL, result = NULL, distribution = NULL WHERE id = ? AND version = ?",
+                    (job.id, job.version))
 
     def restore(self, job: Job) -> bool:
         """A recheck found the same content: the slide keeps its earlier outcome."""
@@ -350,13 +352,16 @@ class Ledger:
                            "WHERE id = ? AND version = ? AND recheck IS NOT NULL", (job.id, job.version)) > 0
 
     def done(self, job: Job, sha256: str, label: str, confidence: float, needs_review: bool, ms: float,
-             result: str) -> bool:
-        """Record a result; False when the slide was replaced meanwhile (the result is stale)."""
+             result: str, distribution: str | None = None) -> bool:
+        """Record a result; False when the slide was replaced meanwhile (the result is stale).
+
+        ``distribution``: the slide's verdict against the training data's fingerprint."""
         changed = self._write(
             "UPDATE slides SET state = 'done', sha256 = ?, label = ?, confidence = ?, needs_review = ?, ms = ?, "
-            "result = ?, finished_at = ?, error = NULL, error_kind = NULL, recheck = NULL "
+            "result = ?, distribution = ?, finished_at = ?, error = NULL, error_kind = NULL, recheck = NULL "
             "WHERE id = ? AND version = ?",
-            (sha256, label, confidence, int(needs_review), ms, printable(result), time.time(), job.id, job.version))
+            (sha256, label, confidence, int(needs_review), ms, printable(result), distribution, time.time(), job.id,
+             job.version))
         return changed > 0
 
     def failed(self, job: Job, error: str, kind: str, retry_in: float | None, sha256: str | None = None) -> bool:
@@ -373,6 +378,7 @@ class Ledger:
                                (error, kind, now + retry_in, now, sha256, job.id, job.version)) > 0
         return self._write("UPDATE slides SET state = 'failed', error = ?, error_kind = ?, finished_at = ?, "
                            "recheck = NULL, label = NULL, confidence = NULL, needs_review = NULL, result = NULL, "
+                           "distribution = NULL, "
                            "sha256 = COALESCE(?, sha256) WHERE id = ? AND version = ?",
                            (error, kind, now, sha256, job.id, job.version)) > 0
 

@@ -15,6 +15,13 @@ The steps, each timed (milliseconds in every result):
    ``min_tile_tissue`` are skipped). Pieces smaller than 16 px (the smallest input
    export-student traces) are padded with the slide's background colour.
 
+6. ``distribution``: the tissue pixels read in step 4 are summarised as they are read
+   (``lowmag.fingerprint.StainStats``) and the slide is judged against the bundle's
+   fingerprint of its training data; a slide the tissue step found not to be brightfield
+   (dark background, no colour) is out of distribution whatever the model. ``ood="flag"``
+   classifies it and sets ``needs_review`` with the reasons; ``ood="refuse"`` raises
+   ``OutOfDistributionError`` instead (before any read when the tissue step already knows).
+
 The slide's result (the documented rule, ``SLIDE_RULE``): the mean of the pieces'
 calibrated probabilities (softmax of logits / the bundle's temperature) weighted by each
 piece's tissue area; its label is the most probable class and its confidence that
@@ -48,12 +55,15 @@ from lowmag.names import shown
 from lowmag.reader import DEFAULT_MAX_SOURCE_PIXELS, Region, output_size, read_at_mpp
 from lowmag.runtimes import Session, logits_of, softmax
 from lowmag.slide import Slide, SlideInfo, open_slide
-from lowmag.tissue import TissueBox, TissueParams, colour_saturation, locate_tissue_and_overview
+from lowmag.fingerprint import Fingerprint, StainStats, Verdict
+from lowmag.tissue import Modality, TissueBox, TissueParams, colour_saturation, find_tissue
 
 #: The smallest side export-student traces graphs for (export.onnx_graph.MIN_SIDE).
 MIN_INPUT_SIDE = 16
 SLIDE_RULE = "tissue-area-weighted mean of the pieces' calibrated probabilities"
-STAGES = ("hash", "open", "tissue", "read", "resample", "inference", "write")
+STAGES = ("hash", "open", "tissue", "read", "resample", "distribution", "inference", "write")
+#: What ``--ood`` may be: classify and flag for review, or refuse with the reasons.
+OOD_POLICIES = ("flag", "refuse")
 
 
 class NoTissueError(SlideError):
@@ -62,6 +72,10 @@ class NoTissueError(SlideError):
 
 class ResolutionTooCoarseError(SlideError):
     """The slide's finest level is coarser than the model's µm/px."""
+
+
+class OutOfDistributionError(SlideError):
+    """``--ood refuse``: the slide is unlike the model's training data (the reasons say how)."""
 
 
 #: Shutdown was asked for while a slide was in hand (raised between reads and tiles).
@@ -80,6 +94,8 @@ class PipelineConfig:
     thumbnail_px: int = 1024
     assume_mpp: float | None = None
     tissue: TissueParams = field(default_factory=TissueParams)
+    #: Out-of-distribution slides: "flag" (classified, needs_review) or "refuse" (failed).
+    ood: str = "flag"
 
     def __post_init__(self) -> None:
         if self.max_piece_px < MIN_INPUT_SIDE:
@@ -88,6 +104,8 @@ class PipelineConfig:
             raise LowmagError(f"review_threshold must be within 0-1, got {self.review_threshold}")
         if self.pixel_budget <= 0:
             raise LowmagError(f"pixel_budget must be positive, got {self.pixel_budget}")
+        if self.ood not in OOD_POLICIES:
+            raise LowmagError(f"ood must be one of {', '.join(OOD_POLICIES)}, got {self.ood!r}")
 
     @property
     def decode_budget(self) -> int:
@@ -144,6 +162,9 @@ class SlideClassification:
     timer: Timer
     thumbnail: np.ndarray
     classes: tuple[str, ...]
+    #: The slide against the training data's fingerprint (``lowmag.fingerprint.Verdict``).
+    distribution: Verdict = field(default_factory=lambda: Verdict("unchecked", None, None))
+    modality: Modality | None = None
 
     @property
     def label(self) -> str:
@@ -236,6 +257,7 @@ class SlideClassifier:
         self.classes = tuple(bundle.spec.classes)
         self.target_mpp = float(bundle.spec.target_mpp)
         self.temperature = float(bundle.spec.temperature)
+        self.fingerprint = Fingerprint(bundle.spec.fingerprint) if bundle.spec.fingerprint else None
 
     def classify(self, path: Path, files: Sequence[Path] | None = None,
                  should_stop: Callable[[], bool] = lambda: False, timer: Timer | None = None,
@@ -260,10 +282,15 @@ class SlideClassifier:
             info = slide.info
             self._check_resolution(info)
             with timer.stage("tissue"):
-                boxes, overview = locate_tissue_and_overview(slide, config.tissue, config.decode_budget, should_stop)
+                boxes, overview, modality = find_tissue(slide, config.tissue, config.decode_budget, should_stop)
+            if not modality.brightfield and config.ood == "refuse":
+                raise OutOfDistributionError(path, f"{modality.reason}; the model was trained on brightfield "
+                                             "stained tissue.", "route this slide to a model made for it.")
             if not boxes:
-                raise NoTissueError(path, "no tissue found on the slide (blank glass, pen marks or a test pattern).",
-                                    "check the scan; tune the tissue options if this slide does hold tissue.")
+                why = f" ({modality.reason})" if not modality.brightfield else ""
+                raise NoTissueError(path, f"no tissue found on the slide (blank glass, pen marks or a test "
+                                    f"pattern){why}.", "check the scan; tune the tissue options if this slide does "
+                                    "hold tissue.")
             sizes = [output_size(slide, self.target_mpp, box.region) for box in boxes]
             total = sum(w * h for w, h in sizes)
             if total > config.pixel_budget:
@@ -271,17 +298,33 @@ class SlideClassifier:
                     path, f"its tissue at {self.target_mpp:g} µm/px is {total:,} pixels, more than the budget of "
                     f"{config.pixel_budget:,}.", "raise --pixel-budget (memory and time grow with it) or use a "
                     "lower-magnification model.")
-            pieces = [self._classify_piece(slide, box, size_px, timer, should_stop)
+            stats = StainStats(config.tissue.min_saturation)
+            pieces = [self._classify_piece(slide, box, size_px, timer, should_stop, stats)
                       for box, size_px in zip(boxes, sizes)]
+        with timer.stage("distribution"):
+            distribution = self._judge(stats, modality)
+        if distribution.out and config.ood == "refuse":
+            raise OutOfDistributionError(path, "unlike the model's training data: " + "; ".join(distribution.reasons)
+                                         + ".", "check the slide, or classify it anyway with --ood flag.")
         with timer.stage("write"):
             thumbnail = shrink_to(overview, config.thumbnail_px)
         weights = np.array([max(piece.box.tissue_area_um2, 1e-9) for piece in pieces])
         probabilities = (np.stack([p.probabilities for p in pieces]) * weights[:, None]).sum(0) / weights.sum()
         return SlideClassification(
             path=path, info=info, sha256=sha256, size_bytes=size, files=count, pieces=pieces,
-            probabilities=probabilities, needs_review=bool(probabilities.max() < config.review_threshold),
-            timer=timer, thumbnail=thumbnail, classes=self.classes,
+            probabilities=probabilities,
+            needs_review=bool(probabilities.max() < config.review_threshold or distribution.out),
+            timer=timer, thumbnail=thumbnail, classes=self.classes, distribution=distribution, modality=modality,
         )
+
+    def _judge(self, stats: StainStats, modality: Modality) -> Verdict:
+        """The slide against the fingerprint; without one only the tissue step's modality counts."""
+        reasons = () if modality.brightfield else (modality.reason,)
+        if self.fingerprint is not None:
+            return self.fingerprint.judge(stats.features(), stats.histogram(), reasons)
+        if reasons:
+            return Verdict("out_of_distribution", None, None, reasons)
+        return Verdict("unchecked", None, None)
 
     def _check_resolution(self, info: SlideInfo) -> None:
         if info.mpp > self.target_mpp * 1.01:
@@ -291,7 +334,7 @@ class SlideClassifier:
                 "lower magnification.")
 
     def _classify_piece(self, slide: Slide, box: TissueBox, size_px: tuple[int, int], timer: Timer,
-                        should_stop: Callable[[], bool]) -> PieceResult:
+                        should_stop: Callable[[], bool], stats: StainStats) -> PieceResult:
         regions = tile_regions(box, size_px, self.config.max_piece_px)
         probabilities, weights, inputs = [], [], []
         emptiest: tuple[float, np.ndarray] | None = None  # the best of the near-blank tiles
@@ -300,6 +343,9 @@ class SlideClassifier:
                 raise SlideInterrupted(f"{shown(slide.info.path)}: interrupted by a stop")
             rgb = timed_read(slide, self.target_mpp, region, timer, self.config.pixel_budget,
                              max_source_pixels=self.config.decode_budget, should_stop=should_stop)
+            if self.fingerprint is not None:
+                with timer.stage("distribution"):
+                    stats.add(rgb)  # the pixels just read: no second pass over the slide
             weight = tissue_fraction(rgb, self.config.tissue.min_saturation) if len(regions) > 1 else 1.0
             if weight < self.config.min_tile_tissue:
                 if emptiest is None or weight > emptiest[0]:

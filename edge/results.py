@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,11 +40,12 @@ from lowmag.names import printable, shown
 
 logger = logging.getLogger(__name__)
 
-RESULT_SCHEMA = "lowmag.edge.result/1"
+RESULT_SCHEMA = "lowmag.edge.result/2"
 CSV_NAME = "summary.csv"
 CSV_COLUMNS = (
-    "finished_at", "status", "slide", "sha256", "label", "confidence", "needs_review", "probabilities",
-    "tissue_pieces", "ms", "backend", "bundle_sha256", "result", "error", "result_id",
+    "finished_at", "status", "slide", "sha256", "label", "confidence", "needs_review", "distribution",
+    "distribution_reasons", "probabilities", "tissue_pieces", "ms", "backend", "bundle_sha256", "result", "error",
+    "result_id",
 )
 
 #: Distinct colours for up to ten classes (then they repeat).
@@ -128,6 +130,12 @@ def result_document(result: SlideClassification, bundle: Bundle, choice: Backend
             "probabilities": _probabilities(result.classes, result.probabilities),
             "needs_review": result.needs_review, "review_threshold": review_threshold, "rule": SLIDE_RULE,
         },
+        "distribution": {
+            **result.distribution.to_dict(),
+            "modality": result.modality.kind if result.modality is not None else None,
+            "fingerprint": {k: spec.fingerprint.get(k) for k in ("version", "source", "images", "sha256")}
+            if spec.fingerprint else None,
+        },
         "timings_ms": dict(timings_ms),
         "lowmag_version": __version__,
         "created_at": now_iso(),
@@ -192,9 +200,11 @@ def csv_row(status: str, slide: Path, result_id: str, document: Mapping[str, Any
                result_id=result_id)
     if document is not None:
         res = document["result"]
+        distribution = document.get("distribution") or {}
         row.update(
             sha256=document["slide"]["sha256"], label=res["label"], confidence=f"{res['confidence']:.4f}",
-            needs_review=str(res["needs_review"]).lower(),
+            needs_review=str(res["needs_review"]).lower(), distribution=distribution.get("verdict", ""),
+            distribution_reasons=printable("; ".join(distribution.get("reasons", []))),
             probabilities=json.dumps(res["probabilities"], separators=(",", ":")),
             tissue_pieces=str(len(document["tissue"])), ms=f"{document['timings_ms']['total']:.0f}",
             backend=f"{document['runtime']['backend']}/{document['runtime']['device']}",
@@ -213,9 +223,9 @@ def append_csv(path: Path, row: Mapping[str, str], skip_if_present: bool = False
     csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n").writerow(row)
     line = buffer.getvalue().encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+    fd = _open_locked(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = _rotate_if_other_columns(fd, path)
         size = os.fstat(fd).st_size
         if size == 0:
             os.write(fd, (",".join(CSV_COLUMNS) + "\n").encode())
@@ -228,6 +238,36 @@ def append_csv(path: Path, row: Mapping[str, str], skip_if_present: bool = False
         return True
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _open_locked(path: Path) -> int:
+    """``path`` opened for appending and exclusively locked, and still the file at ``path``
+    once locked (another thread may have rotated it while this one waited)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _rotate_if_other_columns(fd: int, path: Path) -> int:
+    """A summary.csv written by an older lowmag (other columns) is kept as
+    ``summary.<its first date>.csv`` and a new one started, so no file mixes two layouts.
+    Called with ``fd`` locked; returns the (locked) descriptor to append to."""
+    header = os.pread(fd, 4096, 0).split(b"\n", 1)[0].decode("utf-8", "replace")
+    if not header or header == ",".join(CSV_COLUMNS):
+        return fd
+    kept = path.with_name(f"{path.stem}.{time.strftime('%Y%m%dT%H%M%S')}{path.suffix}")
+    os.replace(path, kept)
+    logger.warning("%s had the columns of an older lowmag; kept as %s, new rows go to a new %s", shown(path),
+                   shown(kept.name), path.name)
+    fresh = _open_locked(path)
+    os.close(fd)
+    return fresh
 
 
 def _cut_torn_row(fd: int, path: Path, size: int) -> int:

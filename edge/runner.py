@@ -28,7 +28,9 @@ from typing import Callable
 from lowmag.bundle import Bundle
 from lowmag.edge.backends import BackendChoice, open_session
 from lowmag.edge.ledger import Job, Ledger
-from lowmag.edge.pipeline import PipelineConfig, SlideClassifier, Timer, checked_content_hash
+from lowmag.edge.pipeline import (
+    OutOfDistributionError, PipelineConfig, SlideClassifier, Timer, checked_content_hash,
+)
 from lowmag.edge.results import CSV_NAME, append_csv, csv_row, output_paths, remove_outputs, write_slide_outputs
 from lowmag.edge.scan import SlideUnit, check_files, same_files
 from lowmag.errors import (
@@ -78,7 +80,10 @@ class Outcome:
 
 
 def error_kind(error: BaseException) -> str:
-    """'permanent' for what a retry cannot fix, else 'transient'."""
+    """'permanent' for what a retry cannot fix, 'out_of_distribution' for a slide refused as
+    unlike the training data (``--ood refuse``), else 'transient'."""
+    if isinstance(error, OutOfDistributionError):
+        return "out_of_distribution"
     if isinstance(error, PERMANENT_ERRORS):
         return "permanent"
     if isinstance(error, SlideReadError):
@@ -302,7 +307,7 @@ class EdgeRunner:
             append_csv(self.out / CSV_NAME, row, skip_if_present=self._maybe_written(job))
             ms = document["timings_ms"]["total"]
             if not self.ledger.done(job, sha256, result.label, result.confidence, result.needs_review, ms,
-                                    str(json_path)):
+                                    str(json_path), result.distribution.verdict):
                 return None
             return document
 
@@ -311,6 +316,8 @@ class EdgeRunner:
             return self._stale(job)
         ms = document["timings_ms"]["total"]
         review = " needs_review" if result.needs_review else ""
+        if result.distribution.out:
+            review += " out_of_distribution: " + printable("; ".join(result.distribution.reasons))
         logger.info("done %s label=%s confidence=%.3f ms=%.0f%s", job.shown, result.label, result.confidence,
                     ms, review)
         return Outcome(job, "done", result.label, result.confidence, ms)

@@ -34,6 +34,7 @@ def summarise(out: Path, failures: int = 20) -> dict[str, Any]:
         "counts": {state: sum(1 for r in rows if r["state"] == state)
                    for state in ("done", "failed", "queued", "processing", "skipped")},
         "needs_review": sum(1 for r in done if r["needs_review"]),
+        "distribution": _distribution(done, failed),
         "retrying": sum(1 for r in rows if r["state"] == "queued" and r["error"]),
         "throughput": {
             "done_last_hour": sum(1 for t in finished if now - t <= 3600),
@@ -50,6 +51,16 @@ def summarise(out: Path, failures: int = 20) -> dict[str, Any]:
     }
 
 
+def _distribution(done: list, failed: list) -> dict[str, int]:
+    """Done slides by their verdict against the training data, and those refused for it."""
+    keys = done[0].keys() if done else []
+    verdicts = Counter((r["distribution"] if "distribution" in keys else None) or "unchecked" for r in done)
+    return {"in_distribution": verdicts.get("in_distribution", 0),
+            "out_of_distribution_flagged": verdicts.get("out_of_distribution", 0),
+            "out_of_distribution_refused": sum(1 for r in failed if r["error_kind"] == "out_of_distribution"),
+            "unchecked": verdicts.get("unchecked", 0)}
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     c = summary["counts"]
     running = summary["running"]
@@ -60,6 +71,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"queued {c['queued']} ({summary['retrying']} waiting to retry), processing {c['processing']}, "
         f"skipped {c['skipped']} (not slides)",
     ]
+    d = summary["distribution"]
+    lines.append(f"  training data: {d['in_distribution']} like it, {d['out_of_distribution_flagged']} unlike it "
+                 f"(classified, need review), {d['out_of_distribution_refused']} unlike it (refused), "
+                 f"{d['unchecked']} unchecked (bundle without fingerprint)")
     t = summary["throughput"]
     if t["median_ms_per_slide"] is not None:
         rate = t["slides_per_hour_between_first_and_last"]

@@ -48,8 +48,9 @@ def mean_colour_onnx(path: Path, weights: np.ndarray, bias: np.ndarray | None = 
 
 def make_bundle(directory: Path, target: str = "onnx", target_mpp: float = 2.0, temperature: float = 1.0,
                 classes: Sequence[str] = ("pink", "glass"), weights: np.ndarray = PINK_GLASS_WEIGHTS,
-                bias: np.ndarray | None = PINK_GLASS_BIAS) -> Path:
-    """A bundle folder for ``target`` (onnx, openvino, or tensorrt with a placeholder engine)."""
+                bias: np.ndarray | None = PINK_GLASS_BIAS, fingerprint: dict | None = None) -> Path:
+    """A bundle folder for ``target`` (onnx, openvino, or tensorrt with a placeholder engine);
+    ``fingerprint``: a training-data fingerprint (``lowmag.fingerprint``) for its spec."""
     directory.mkdir(parents=True, exist_ok=True)
     onnx_path = mean_colour_onnx(directory / "model.onnx", weights, bias)
     if target == "onnx":
@@ -74,6 +75,7 @@ def make_bundle(directory: Path, target: str = "onnx", target_mpp: float = 2.0, 
         architecture="mean-colour", provenance=new_provenance(config={"test": True}), temperature=temperature,
         export={"target": target, "files": files, "runtime": runtime,
                 "inputs": {"name": "pixels", "dtype": "uint8", "layout": "NHWC RGB"}, "outputs": ["logits"]},
+        fingerprint=fingerprint or {},
     )
     write_spec(spec.with_artifacts(directory, sorted(files.values())), directory)
     return directory

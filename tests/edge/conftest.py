@@ -88,3 +88,10 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def he_bundle(tmp_path_factory: pytest.TempPathFactory, he_fingerprint: dict) -> Path:
+    """The 5x test bundle with a fingerprint of real H&E training tiles (Kather 2016)."""
+    pytest.importorskip("onnx")
+    return make_bundle(tmp_path_factory.mktemp("bundles") / "he", "onnx", temperature=2.0, fingerprint=he_fingerprint)
