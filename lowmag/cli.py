@@ -106,21 +106,24 @@ def tissue(slide_path: Path, thumbnail: Path | None, json_path: Path | None,
 
     from lowmag.io import atomic_write_text
     from lowmag.slide import open_slide
-    from lowmag.tissue import TissueParams, locate_tissue
+    from lowmag.tissue import TissueParams, find_tissue
 
     params = TissueParams()
     if min_area_um2 is not None:
         params = dataclasses.replace(params, min_area_um2=min_area_um2)
     with open_slide(slide_path, assume_mpp=assume_mpp) as slide:
-        boxes = locate_tissue(slide, params)
+        boxes, _, modality = find_tissue(slide, params)
         if thumbnail is not None:
             _write_thumbnail(slide, boxes, thumbnail)
-    report = {"slide": str(slide_path), "tissue": [b.to_dict() for b in boxes]}
+    report = {"slide": str(slide_path), "modality": modality.kind, "modality_reason": modality.reason or None,
+              "tissue": [b.to_dict() for b in boxes]}
     if json_path is not None and str(json_path) == "-":
         click.echo(json.dumps(report, indent=2))
         return
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+    if not modality.brightfield:
+        click.echo(f"{slide_path}: {modality.reason}")
     if not boxes:
         click.echo(f"{slide_path}: no tissue found")
     for n, b in enumerate(boxes, 1):
