@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lowmag.edge.bench import machine  # noqa: E402
-from lowmag.fingerprint import Fingerprint, image_stats, usable  # noqa: E402
+from lowmag.fingerprint import Fingerprint, image_windows  # noqa: E402
 from lowmag.synthetic import VARIANTS, write_variant  # noqa: E402
 
 SLIDES = REPO.parent / "shared" / "data" / "slides"
@@ -46,10 +46,12 @@ def experiment(work: Path):
 
 def false_alarms(exp, step, fingerprint: Fingerprint) -> dict:
     cache = exp.cache("test", step.resolution)
-    stats = [image_stats(cache[i]) for i in range(len(cache))]
-    checked = [fingerprint.judge(*s) for s in stats if usable(s[0])]
+    checked = []
+    for i in range(len(cache)):  # one window per tile: a tile is a training image
+        windows, histogram = image_windows(cache[i], fingerprint.data["window_px"])
+        checked += [fingerprint.judge(w, histogram) for w in windows]
     flagged = sum(v.out for v in checked)
-    return {"test_tiles": len(stats), "checked": len(checked), "too_little_tissue": len(stats) - len(checked),
+    return {"test_tiles": len(cache), "checked": len(checked), "too_little_tissue": len(cache) - len(checked),
             "flagged": flagged, "false_alarm_rate": round(flagged / max(len(checked), 1), 4)}
 
 
@@ -93,8 +95,8 @@ def main() -> int:
             step = Step("distill", resolution, regime="labeled+unlabeled")
             fingerprint = Fingerprint(exp.fingerprint(step))
             row = {"mpp": fingerprint.data["mpp"], "threshold": fingerprint.threshold,
-                   "training_images": fingerprint.data["images"],
-                   "held_out_images": fingerprint.data["held_out_images"],
+                   "training_images": fingerprint.data["images"], "window_px": fingerprint.data["window_px"],
+                   "held_out_windows": fingerprint.data["held_out_windows"],
                    "held_out_pass_rate": fingerprint.data["held_out_pass_rate"],
                    **false_alarms(exp, step, fingerprint)}
             if resolution == "scan/4":  # the 5x student: slides and cost through the edge pipeline
@@ -115,10 +117,12 @@ def markdown(results: dict) -> str:
     lines = ["# The out-of-distribution check, measured", "",
              f"Command: `{results['command']}`. Machine: {m.get('model', '?')}, {m.get('cores', '?')} cores, "
              f"{m.get('ram_gib', '?')} GiB.", "",
-             "| student | µm/px | threshold | training images | held-out pass | test tiles checked | flagged | "
-             "false-alarm rate | tiles with too little tissue |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| student | µm/px | window px | threshold | training images | held-out pass | test tiles checked | "
+             "flagged | false-alarm rate | tiles with too little tissue |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for resolution, r in results["magnifications"].items():
-        lines.append(f"| {resolution} | {r['mpp']:.3g} | {r['threshold']:g} | {r['training_images']} | "
+        lines.append(f"| {resolution} | {r['mpp']:.3g} | {r['window_px']} | {r['threshold']:g} | "
+                     f"{r['training_images']} | "
                      f"{100 * r['held_out_pass_rate']:.1f} % | {r['checked']} | {r['flagged']} | "
                      f"{100 * r['false_alarm_rate']:.1f} % | {r['too_little_tissue']} |")
     five = results["magnifications"]["scan/4"]

@@ -172,6 +172,7 @@ class Ledger:
             else:
                 for statement in _SCHEMA:
                     self.db.execute(statement)
+                _add_missing_columns(self.db)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self.db.execute("COMMIT")
         except BaseException:
@@ -399,6 +400,14 @@ class Ledger:
     def pending(self) -> int:
         """Slides queued or in hand."""
         return int(self._query("SELECT COUNT(*) FROM slides WHERE state IN ('queued', 'processing')")[0][0])
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Columns added to schema 2 after it first shipped (all may be NULL) join older tables."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(slides)")}
+    for name, kind in (("distribution", "TEXT"),):
+        if name not in have:
+            db.execute(f"ALTER TABLE slides ADD COLUMN {name} {kind}")
 
 
 def _job(row: sqlite3.Row, attempts: int | None = None) -> Job:

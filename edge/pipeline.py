@@ -36,6 +36,7 @@ blocks when ``should_stop`` says so.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import stat
@@ -57,6 +58,8 @@ from lowmag.runtimes import Session, logits_of, softmax
 from lowmag.slide import Slide, SlideInfo, open_slide
 from lowmag.fingerprint import Fingerprint, StainStats, Verdict
 from lowmag.tissue import Modality, TissueBox, TissueParams, colour_saturation, find_tissue
+
+logger = logging.getLogger("lowmag.edge")
 
 #: The smallest side export-student traces graphs for (export.onnx_graph.MIN_SIDE).
 MIN_INPUT_SIDE = 16
@@ -247,6 +250,27 @@ def pad_to(rgb: np.ndarray, side: int, colour: tuple[int, int, int]) -> np.ndarr
     return out
 
 
+def usable_fingerprint(bundle: Bundle) -> Fingerprint | None:
+    """The bundle's fingerprint of its training data, or None (with a warning, once per
+    bundle) when it has none or one this lowmag cannot use: the slides are then only
+    checked for being brightfield, never refused for the fingerprint's sake."""
+    if not bundle.spec.fingerprint:
+        return None
+    fingerprint = Fingerprint(bundle.spec.fingerprint)
+    problems = fingerprint.check(float(bundle.spec.target_mpp))
+    if problems:
+        if bundle.directory not in _WARNED:
+            _WARNED.add(bundle.directory)
+            logger.warning("%s: its fingerprint of the training data is not used (%s); slides are only checked "
+                           "for being brightfield. Fix: re-export it with export-student --refresh-fingerprint.",
+                           bundle.directory, "; ".join(problems))
+        return None
+    return fingerprint
+
+
+_WARNED: set[Path] = set()
+
+
 class SlideClassifier:
     """Runs the pipeline for one bundle with one session (one per worker thread)."""
 
@@ -257,7 +281,7 @@ class SlideClassifier:
         self.classes = tuple(bundle.spec.classes)
         self.target_mpp = float(bundle.spec.target_mpp)
         self.temperature = float(bundle.spec.temperature)
-        self.fingerprint = Fingerprint(bundle.spec.fingerprint) if bundle.spec.fingerprint else None
+        self.fingerprint = usable_fingerprint(bundle)
 
     def classify(self, path: Path, files: Sequence[Path] | None = None,
                  should_stop: Callable[[], bool] = lambda: False, timer: Timer | None = None,
@@ -298,7 +322,7 @@ class SlideClassifier:
                     path, f"its tissue at {self.target_mpp:g} µm/px is {total:,} pixels, more than the budget of "
                     f"{config.pixel_budget:,}.", "raise --pixel-budget (memory and time grow with it) or use a "
                     "lower-magnification model.")
-            stats = StainStats(config.tissue.min_saturation)
+            stats = self.fingerprint.stats() if self.fingerprint is not None else None
             pieces = [self._classify_piece(slide, box, size_px, timer, should_stop, stats)
                       for box, size_px in zip(boxes, sizes)]
         with timer.stage("distribution"):
@@ -317,10 +341,10 @@ class SlideClassifier:
             timer=timer, thumbnail=thumbnail, classes=self.classes, distribution=distribution, modality=modality,
         )
 
-    def _judge(self, stats: StainStats, modality: Modality) -> Verdict:
+    def _judge(self, stats: StainStats | None, modality: Modality) -> Verdict:
         """The slide against the fingerprint; without one only the tissue step's modality counts."""
         reasons = () if modality.brightfield else (modality.reason,)
-        if self.fingerprint is not None:
+        if self.fingerprint is not None and stats is not None:
             return self.fingerprint.judge(stats.features(), stats.histogram(), reasons)
         if reasons:
             return Verdict("out_of_distribution", None, None, reasons)
@@ -334,7 +358,7 @@ class SlideClassifier:
                 "lower magnification.")
 
     def _classify_piece(self, slide: Slide, box: TissueBox, size_px: tuple[int, int], timer: Timer,
-                        should_stop: Callable[[], bool], stats: StainStats) -> PieceResult:
+                        should_stop: Callable[[], bool], stats: StainStats | None) -> PieceResult:
         regions = tile_regions(box, size_px, self.config.max_piece_px)
         probabilities, weights, inputs = [], [], []
         emptiest: tuple[float, np.ndarray] | None = None  # the best of the near-blank tiles
@@ -343,7 +367,7 @@ class SlideClassifier:
                 raise SlideInterrupted(f"{shown(slide.info.path)}: interrupted by a stop")
             rgb = timed_read(slide, self.target_mpp, region, timer, self.config.pixel_budget,
                              max_source_pixels=self.config.decode_budget, should_stop=should_stop)
-            if self.fingerprint is not None:
+            if stats is not None:
                 with timer.stage("distribution"):
                     stats.add(rgb)  # the pixels just read: no second pass over the slide
             weight = tissue_fraction(rgb, self.config.tissue.min_saturation) if len(regions) > 1 else 1.0

@@ -256,18 +256,33 @@ def _open_locked(path: Path) -> int:
 
 def _rotate_if_other_columns(fd: int, path: Path) -> int:
     """A summary.csv written by an older lowmag (other columns) is kept as
-    ``summary.<its first date>.csv`` and a new one started, so no file mixes two layouts.
+    ``summary.<when it was last written>.csv`` and a new one started, so no file mixes two
+    layouts.
     Called with ``fd`` locked; returns the (locked) descriptor to append to."""
     header = os.pread(fd, 4096, 0).split(b"\n", 1)[0].decode("utf-8", "replace")
     if not header or header == ",".join(CSV_COLUMNS):
         return fd
-    kept = path.with_name(f"{path.stem}.{time.strftime('%Y%m%dT%H%M%S')}{path.suffix}")
-    os.replace(path, kept)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(os.fstat(fd).st_mtime))  # when it was last written
+    kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    counter = 1
+    while kept.exists():  # never overwrite one kept before
+        kept = path.with_name(f"{path.stem}.{stamp}-{counter}{path.suffix}")
+        counter += 1
+    os.rename(path, kept)
+    _fsync_folder(path.parent)
     logger.warning("%s had the columns of an older lowmag; kept as %s, new rows go to a new %s", shown(path),
                    shown(kept.name), path.name)
     fresh = _open_locked(path)
     os.close(fd)
     return fresh
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _cut_torn_row(fd: int, path: Path, size: int) -> int:

@@ -112,7 +112,8 @@ def summarise(spec, out: Path, verb: str = "wrote") -> str:
     fingerprint = spec.fingerprint
     if fingerprint:
         lines.append(f"fingerprint of the training data: {fingerprint['images']} images ({fingerprint['source']}), "
-                     f"threshold {fingerprint['threshold']:g} ({fingerprint['held_out_images']} held-out images)")
+                     f"threshold {fingerprint['threshold']:g} ({fingerprint['held_out_windows']} held-out windows of "
+                     f"{fingerprint['window_px']} px)")
     else:
         lines.append("no fingerprint of the training data: edge-classify will only check slides are brightfield "
                      "(pass --refresh-fingerprint with --calibration to add one)")

@@ -116,10 +116,14 @@ class Modality:
         return self.kind == "brightfield"
 
 
-#: A slide with at least this share of neutral near-black pixels (brightness below 40,
-#: R, G and B within 20 of each other) has a dark background: fluorescence, or an inverted
-#: image. Dense H&E tissue is dark but coloured (the Kather tiles reach 10 % at most).
+#: A slide with at least this share of dark pixels (every channel below 50) that form a flat
+#: field (their median local gradient under 5) and almost no bright glass has a dark
+#: background: fluorescence, or an inverted image. Dense H&E is dark too, but textured (the
+#: darkest Kather tiles: half their pixels dark, median gradient 15 or more); a brightfield
+#: slide padded with black still shows its glass.
 DARK_BACKGROUND_SHARE = 0.3
+DARK_FIELD_GRADIENT = 5.0
+GLASS_SHARE = 0.05
 #: A slide whose pixels all stay below this saturation (99.9th percentile) has no colour...
 GREYSCALE_SATURATION = 0.05
 #: ...and is greyscale tissue, not blank glass, when this share is darker than the glass.
@@ -131,19 +135,21 @@ def overview_modality(rgb: np.ndarray, params: TissueParams | None = None) -> Mo
     params = params or TissueParams()
     pixels = rgb.astype(np.float32)
     brightness = pixels.mean(axis=2)
-    neutral_dark = (brightness < 40) & (pixels.max(axis=2) - pixels.min(axis=2) < 20)
-    if neutral_dark.mean() >= DARK_BACKGROUND_SHARE:
-        level = float(np.median(brightness[neutral_dark]))
-        return Modality("dark-background", level, f"the background is dark ({neutral_dark.mean():.0%} of the slide "
-                        f"is near-black, brightness {level:.0f}/255, where glass is bright): a fluorescence or "
-                        "inverted image, not a brightfield scan")
     saturation = colour_saturation(rgb)
+    dark = rgb.max(axis=2) < 50
+    glass = float(((rgb.max(axis=2) > 200) & (saturation < 0.1)).mean())
+    if dark.mean() >= DARK_BACKGROUND_SHARE and glass < GLASS_SHARE \
+            and float(np.median(_gradient(rgb)[dark])) < DARK_FIELD_GRADIENT:
+        level = float(np.median(brightness[dark]))
+        return Modality("dark-background", level, f"the background is dark ({dark.mean():.0%} of the slide is a "
+                        f"flat near-black field, brightness {level:.0f}/255, and no bright glass): a fluorescence "
+                        "or inverted image, not a brightfield scan")
     plain = saturation < params.min_saturation
     background = float(np.median(brightness[plain] if plain.mean() >= 0.2 else brightness))
     if float(np.quantile(saturation, 0.999)) < GREYSCALE_SATURATION:
-        glass = float(np.quantile(brightness, 0.9))
-        if (brightness < glass - 30).mean() >= GREYSCALE_TISSUE_SHARE:
-            return Modality("greyscale", glass, "the slide has no colour at all: a greyscale or single-channel "
+        bright = float(np.quantile(brightness, 0.9))
+        if (brightness < bright - 30).mean() >= GREYSCALE_TISSUE_SHARE:
+            return Modality("greyscale", bright, "the slide has no colour at all: a greyscale or single-channel "
                             "image, not a stained brightfield scan")
     return Modality("brightfield", background)
 

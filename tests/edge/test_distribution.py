@@ -107,3 +107,16 @@ def test_a_summary_csv_of_an_older_lowmag_is_kept_aside_not_mixed(onnx_bundle, m
     assert kept.read_text().startswith(old_header)
     assert list(csv_rows(out)) == ["he.svs"] and "distribution" in (out / "summary.csv").read_text().splitlines()[0]
     assert ledger_states(out)
+
+
+def test_a_damaged_fingerprint_is_not_trusted_but_the_bundle_still_runs(he_fingerprint, mixed_folder, tmp_path):
+    from tests.models import make_bundle
+
+    bundle = make_bundle(tmp_path / "bundle", "onnx", fingerprint={**he_fingerprint, "threshold": 1000.0})
+    out = tmp_path / "out"
+    run = edge("run", str(mixed_folder / "he.svs"), str(mixed_folder / "fluorescence.tif"), "--model", str(bundle),
+               "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "fingerprint of the training data is not used (the fingerprint does not match its sha256" in run.stderr
+    verdicts = {name: doc["distribution"]["verdict"] for name, doc in results(out).items()}
+    assert verdicts == {"he.svs": "unchecked", "fluorescence.tif": "out_of_distribution"}

@@ -311,3 +311,22 @@ def test_a_second_metadata_change_while_a_recheck_waits_keeps_it_a_recheck(ledge
     job = ledger.claim()
     assert (job.recheck, job.sha256) == ("done", "0" * 64)
     assert ledger.restore(job) and row(ledger, "a.svs")["label"] == "tumour"
+
+
+def test_a_schema_2_ledger_from_before_the_distribution_column_gets_it(tmp_path: Path) -> None:
+    from lowmag.edge import ledger as module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    db = sqlite3.connect(out / "ledger.sqlite")
+    db.execute(module._SCHEMA[0].replace("    distribution TEXT,\n", ""))
+    db.execute("PRAGMA user_version=2")
+    db.close()
+    ledger = Ledger(out)
+    try:
+        add(ledger, "a.svs")
+        job = ledger.claim()
+        assert ledger.done(job, "0" * 64, "tumour", 0.9, False, 12.0, "a.svs.json", "in_distribution")
+        assert row(ledger, "a.svs")["distribution"] == "in_distribution"
+    finally:
+        ledger.close()

@@ -317,7 +317,7 @@ def test_the_bundle_keeps_the_checkpoints_fingerprint_or_refreshes_it_from_calib
     assert result.exit_code == 0, result.output
     spec = load_bundle(fresh).spec
     assert spec.fingerprint["source"].startswith("export-student calibration images of")
-    assert spec.fingerprint["mpp"] == spec.target_mpp and spec.fingerprint["held_out_images"] > 0
+    assert spec.fingerprint["mpp"] == spec.target_mpp and spec.fingerprint["held_out_windows"] > 0
     assert "fingerprint of the training data" in result.output
 
     refused = CliRunner().invoke(main, [str(student), "--out", str(tmp_path / "no"), "--eval-images", str(he_eval),

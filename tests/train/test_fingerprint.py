@@ -27,6 +27,6 @@ def test_each_step_fingerprints_its_own_training_images_at_its_own_resolution(tm
 
     assert teacher["mpp"] == pytest.approx(0.5) and labeled["mpp"] == pytest.approx(1.0)
     assert min(teacher["images"], labeled["images"]) >= 20 and with_aux["images"] > labeled["images"]
-    assert "labeled + unlabeled" in with_aux["source"] and teacher["held_out_images"] > 0
+    assert "labeled + unlabeled" in with_aux["source"] and teacher["held_out_windows"] > 0
     assert teacher["features"]["sharpness"]["median"] != labeled["features"]["sharpness"]["median"]
     assert not Fingerprint(teacher).check() and teacher["held_out_pass_rate"] >= 0.9
