@@ -1,10 +1,18 @@
 """Augmentation applied identically to every resolution of one image.
 
 Distillation shows the teacher the high-resolution image and the student the low-resolution
-one of the *same* tissue, so both must get the same augmentation. Only transforms that
-commute with downsampling are used: the eight flips/90° rotations, and a colour transform
-that is linear in RGB (brightness, saturation and hue as one 3×3 matrix, the hue rotation
-done in YIQ) plus a contrast stretch about the image's mean.
+one of the *same* tissue, so both must get the same augmentation. The geometric and the RGB
+colour transforms commute with downsampling exactly: the eight flips/90° rotations, and a
+colour transform that is linear in RGB (brightness, saturation and hue as one 3×3 matrix,
+the hue rotation done in YIQ) plus a contrast stretch about the image's mean.
+
+Stain jitter (``hed``, ``hed_bias``; Tellez et al. 2019, "Quantifying the effects of data
+augmentation and stain color normalization in convolutional neural networks for
+computational pathology") varies what actually differs between H&E labs: the amount of each
+stain. The image goes to optical density (OD = -log10 I), is unmixed into haematoxylin,
+eosin and DAB with Ruifrok & Johnston's vectors, each stain is scaled by 1 ± ``hed`` and
+shifted by ± ``hed_bias`` OD, and the result is mixed back. It is linear in OD, not in RGB,
+so it commutes with downsampling only approximately (the test measures by how much).
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ class AugmentConfig:
     contrast: float = 0.1
     saturation: float = 0.1
     hue: float = 0.02  # fraction of a full turn
+    #: Stain jitter: each of haematoxylin, eosin and DAB scaled by 1 ± hed and shifted by
+    #: ± hed_bias optical density (Tellez et al.'s "HED-light" is 0.05, 0.05).
+    hed: float = 0.0
+    hed_bias: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,12 @@ class AugmentParams:
     flip: bool
     colour: torch.Tensor  # 3x3 RGB matrix
     contrast: float
+    stain_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)  # H, E, DAB
+    stain_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @property
+    def stains(self) -> bool:
+        return self.stain_scale != (1.0, 1.0, 1.0) or self.stain_bias != (0.0, 0.0, 0.0)
 
 
 def draw(config: AugmentConfig, generator: torch.Generator) -> AugmentParams:
@@ -54,11 +72,32 @@ def draw(config: AugmentConfig, generator: torch.Generator) -> AugmentParams:
     cos, sin = math.cos(angle) * saturation, math.sin(angle) * saturation
     yiq = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
     colour = brightness * (_YIQ_TO_RGB @ yiq @ _RGB_TO_YIQ)
-    return AugmentParams(rotations, flip, colour, uniform(config.contrast))
+    contrast = uniform(config.contrast)
+    scale = tuple(uniform(config.hed) for _ in range(3)) if config.hed else (1.0, 1.0, 1.0)
+    bias = tuple(config.hed_bias * (2.0 * float(torch.rand((), generator=generator)) - 1.0) for _ in range(3)) \
+        if config.hed_bias else (0.0, 0.0, 0.0)
+    return AugmentParams(rotations, flip, colour, contrast, scale, bias)
 
 
 def identity() -> AugmentParams:
     return AugmentParams(0, False, torch.eye(3), 1.0)
+
+
+# Ruifrok & Johnston (2001): OD vectors of haematoxylin, eosin and DAB (rows), as in
+# lowmag.fingerprint.
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32)
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+_MIN_INTENSITY = 1.0 / 255.0
+
+
+def stain_jitter(image: torch.Tensor, scale: tuple[float, float, float], bias: tuple[float, float, float]
+                 ) -> torch.Tensor:
+    """Scale and shift each stain's concentration in optical-density space (see the module doc)."""
+    od = -torch.log10(image.clamp(min=_MIN_INTENSITY))
+    hed = torch.einsum("chw,cs->shw", od, _HED_FROM_RGB)
+    hed = hed * torch.tensor(scale).view(3, 1, 1) + torch.tensor(bias).view(3, 1, 1)
+    od = torch.einsum("shw,sc->chw", hed, _RGB_FROM_HED)
+    return torch.pow(10.0, -od)
 
 
 def apply(image: torch.Tensor, params: AugmentParams) -> torch.Tensor:
@@ -68,6 +107,8 @@ def apply(image: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         out = torch.rot90(out, params.rotations, dims=(1, 2))
     if params.flip:
         out = torch.flip(out, dims=(2,))
+    if params.stains:
+        out = stain_jitter(out, params.stain_scale, params.stain_bias)
     if not torch.equal(params.colour, torch.eye(3)):
         out = torch.einsum("ij,jhw->ihw", params.colour, out)
     if params.contrast != 1.0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from lowmag.train.augment import AugmentConfig
 from lowmag.train.losses import PIXEL_MODES
 
 REGIMES = ("labeled", "labeled+unlabeled")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,24 @@ class PhaseConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
+    #: Learning rate over the epochs: "constant", or "cosine" (down to lr x min_lr_fraction
+    #: at the last epoch), after ``warmup_epochs`` of linear warm-up.
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    min_lr_fraction: float = 0.0
+    #: Cross-entropy on labels (teacher, baselines) with this label smoothing.
+    label_smoothing: float = 0.0
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of 0-based ``epoch`` (the same after a resume)."""
+        if epoch < self.warmup_epochs:
+            return self.lr * (epoch + 1) / self.warmup_epochs
+        if self.schedule == "constant":
+            return self.lr
+        span = max(self.epochs - self.warmup_epochs - 1, 1)
+        t = min((epoch - self.warmup_epochs) / span, 1.0)
+        low = self.min_lr_fraction
+        return self.lr * (low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 @dataclass(frozen=True)
@@ -230,4 +250,13 @@ def _check(config: ExperimentConfig) -> list[str]:
     for name, phase in (("teacher", config.teacher), ("student", config.student)):
         if phase.epochs < 1 or phase.batch_size < 1 or phase.lr <= 0:
             problems.append(f"{name}: epochs and batch_size must be >= 1 and lr > 0")
+        if phase.schedule not in SCHEDULES:
+            problems.append(f"{name}.schedule: {phase.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if not 0 <= phase.warmup_epochs < phase.epochs:
+            problems.append(f"{name}.warmup_epochs: must be at least 0 and fewer than the epochs")
+        if not 0 <= phase.min_lr_fraction <= 1 or not 0 <= phase.label_smoothing < 1:
+            problems.append(f"{name}: min_lr_fraction must be in [0, 1] and label_smoothing in [0, 1)")
+    augment = config.augment
+    if augment.hed < 0 or augment.hed >= 1 or augment.hed_bias < 0:
+        problems.append("augment.hed must be in [0, 1) and augment.hed_bias >= 0")
     return problems

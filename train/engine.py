@@ -168,6 +168,8 @@ def fit(
         dataset, phase.batch_size, shuffle=True, seed=seed, workers=runtime.workers, distributed=runtime.distributed
     )
     for epoch in range(start, phase.epochs):
+        for group in optimiser.param_groups:  # the schedule is a function of the epoch: resumes agree
+            group["lr"] = phase.lr_at(epoch)
         dataset.set_epoch(epoch)
         # The shuffle order depends on (seed, epoch) only, so a resumed step draws the same
         # order as an uninterrupted one.
@@ -177,7 +179,8 @@ def fit(
         trained.train()
         began = time.perf_counter()
         mean_loss = _run_epoch(trained, step, loader, accumulate, optimiser, runtime, f"{description} {epoch + 1}/{phase.epochs}")
-        record = {"epoch": epoch + 1, "loss": mean_loss, "train_seconds": round(time.perf_counter() - began, 1)}
+        record = {"epoch": epoch + 1, "loss": mean_loss, "lr": phase.lr_at(epoch),
+                  "train_seconds": round(time.perf_counter() - began, 1)}
         if runtime.is_main:
             model.eval()
             if score is not None:

@@ -94,8 +94,12 @@ def _labeled(exp: Experiment, resolutions: list[str], seed: int) -> MultiResolut
     return MultiResolutionDataset(caches, [i.label for i in items], exp.normalization, exp.config.augment, seed)
 
 
-def _cross_entropy(model: nn.Module, images: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(_logits(model(images[0])).float(), labels)
+def _cross_entropy(smoothing: float = 0.0):
+    """The step of the label-trained models (teacher, baselines)."""
+    def step(model: nn.Module, images: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(_logits(model(images[0])).float(), labels, label_smoothing=smoothing)
+
+    return step
 
 
 def _teacher(exp: Experiment, step: Step, out: Path):
@@ -116,7 +120,7 @@ def _from_labels(exp: Experiment, step: Step, out: Path, phase: PhaseConfig, pre
         load_pretrained(model, exp.config.path(pretrained))
         extra["pretrained"] = pretrained
     dataset = _labeled(exp, [step.resolution], seed)
-    result = fit(model, _cross_entropy, dataset, phase, exp.runtime, out,
+    result = fit(model, _cross_entropy(phase.label_smoothing), dataset, phase, exp.runtime, out,
                  seed=seed, score=_validation_score(exp, step.resolution), description=step.name)
     return result, extra
 
@@ -177,7 +181,7 @@ def _finetune(exp: Experiment, step: Step, out: Path):
         p.requires_grad_(name.startswith("fc."))
     dataset = _labeled(exp, [step.resolution], seed)
     phase = PhaseConfig(epochs=cfg.finetune.epochs, batch_size=cfg.student.batch_size, lr=cfg.finetune.lr)
-    result = fit(student, _cross_entropy, dataset, phase, exp.runtime, out, seed=seed,
+    result = fit(student, _cross_entropy(), dataset, phase, exp.runtime, out, seed=seed,
                  score=_validation_score(exp, step.resolution), parameters=list(student.fc.parameters()),
                  description=step.name)
     return result, {"finetuned_from": step.name.replace("finetune", "distill", 1)}

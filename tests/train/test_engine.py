@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from lowmag.labeled import scan_image_folder
@@ -30,7 +31,7 @@ def _train(classes, dataset, epochs: int, workdir: Path):
     model = build_model("resnet18", len(classes))
     runtime = make_runtime(RuntimeConfig(device="cpu"))
     phase = PhaseConfig(epochs=epochs, batch_size=12, lr=1e-3)
-    return fit(model, _cross_entropy, dataset, phase, runtime, workdir, seed=5)
+    return fit(model, _cross_entropy(), dataset, phase, runtime, workdir, seed=5)
 
 
 def test_a_step_stopped_after_epoch_one_continues_as_if_never_stopped(tiny_images: Path, tmp_path: Path) -> None:
@@ -48,3 +49,14 @@ def test_a_step_stopped_after_epoch_one_continues_as_if_never_stopped(tiny_image
     assert abs(resumed.history[1]["loss"] - straight.history[1]["loss"]) < 1e-4
     for key, value in straight.best_state.items():
         assert torch.allclose(value, resumed.best_state[key], atol=1e-5), key
+
+
+def test_the_learning_rate_schedule_warms_up_then_follows_a_cosine_to_its_floor():
+    from lowmag.train.config import PhaseConfig
+
+    phase = PhaseConfig(epochs=10, lr=1e-3, schedule="cosine", warmup_epochs=2, min_lr_fraction=0.1)
+    rates = [phase.lr_at(e) for e in range(10)]
+    assert rates[:3] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert all(a >= b for a, b in zip(rates[2:], rates[3:]))  # never rises after the warm-up
+    assert rates[-1] == pytest.approx(1e-4)
+    assert PhaseConfig(epochs=5, lr=2e-3).lr_at(4) == 2e-3  # constant by default, as before
