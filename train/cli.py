@@ -118,16 +118,21 @@ def run(exp) -> None:
     Finished steps (a complete checkpoint) are skipped and an interrupted step continues
     from its last finished epoch, so rerunning the same command resumes.
     """
-    from lowmag.train.experiment import plan_steps
+    from lowmag.train.experiment import headline_steps, plan_steps
 
     started = time.time()
     steps = plan_steps(exp.config)
-    click.echo(f"{len(steps)} steps: {', '.join(s.name for s in steps)}", err=True)
-    for i, step in enumerate(steps, 1):
-        click.echo(f"[{i}/{len(steps)}] {step.name}", err=True)
-        _train_and_evaluate(exp, step, quiet=True)
+    extra = headline_steps(exp.config) if exp.config.extra_seed_steps == "headline" else steps
+    plan = [(exp, step) for step in steps] + [(exp.for_seed(seed), step) for seed in exp.config.extra_seeds
+                                             for step in extra]
+    click.echo(f"{len(plan)} steps: {', '.join(s.name for s in steps)}"
+               + (f"; then {', '.join(s.name for s in extra)} for seeds {list(exp.config.extra_seeds)}"
+                  if exp.config.extra_seeds else ""), err=True)
+    for i, (seeded, step) in enumerate(plan, 1):
+        click.echo(f"[{i}/{len(plan)}] {step.name} (seed {seeded.training_seed})", err=True)
+        _train_and_evaluate(seeded, step, quiet=True)
     if exp.runtime.is_main:
-        _write_report(exp, steps, started)
+        _write_report(exp, plan, started)
 
 
 def _train_and_evaluate(exp, step, quiet: bool = False) -> None:
@@ -150,7 +155,7 @@ def _train_and_evaluate(exp, step, quiet: bool = False) -> None:
     exp.runtime.barrier()
 
 
-def _write_report(exp, steps, started: float) -> None:
+def _write_report(exp, plan, started: float) -> None:
     import platform
     import sys
 
@@ -159,7 +164,7 @@ def _write_report(exp, steps, started: float) -> None:
     from lowmag.train.phases import evaluate_step
     from lowmag.train.report import write_report
 
-    rows = [evaluate_step(exp, s) for s in steps]
+    rows = [evaluate_step(seeded, step) for seeded, step in plan]
     timing_path = exp.run_dir / "wall_time.json"
     previous = json.loads(timing_path.read_text()) if timing_path.is_file() else {"seconds": 0.0}
     total = previous["seconds"] + (time.time() - started)
@@ -233,10 +238,11 @@ def evaluate(checkpoint: Path, images: Path, mpp: float, out: Path | None, cente
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @handle_errors
 def report(run_dir: Path) -> None:
-    """Rebuild the report (JSON, Markdown, PNG) from the evaluated steps of RUN_DIR."""
-    from lowmag.train.report import write_report
+    """Rebuild the report (JSON, Markdown, PNG) from the evaluated steps of RUN_DIR, the
+    runs of its extra seeds (RUN_DIR/seed-*/) included."""
+    from lowmag.train.report import gather_rows, write_report
 
-    rows = [json.loads(p.read_text()) for p in sorted(run_dir.glob("steps/*/metrics.json"))]
+    rows = gather_rows(run_dir)
     if not rows:
         raise click.ClickException(f"{run_dir}: no evaluated steps (steps/*/metrics.json); run `distill-train run` first")
     timing = run_dir / "wall_time.json"

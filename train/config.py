@@ -32,6 +32,9 @@ class DataConfig:
     labeled_fraction: float = 1.0  # of the training groups; the rest is unlabeled auxiliary data
     unlabeled: tuple[str, ...] = ()  # extra unlabeled image folders (any layout of class folders)
     cache_dir: str = ""  # default: <run dir>/cache
+    #: The seed of the split (and of the labeled/unlabeled division); -1: the experiment's
+    #: seed. Runs of several training seeds keep it fixed so they share one split.
+    split_seed: int = -1
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,10 @@ class RuntimeConfig:
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
+    #: More training seeds (same split, same cache), each trained into RUN/seed-<k>/: the
+    #: headline steps (teacher, baselines, labeled+unlabeled students), or every step.
+    extra_seeds: tuple[int, ...] = ()
+    extra_seed_steps: str = "headline"
     architecture: str = "resnet18"
     pretrained: str = ""  # local ImageNet-style weights for the teacher, never downloaded
     teacher_resolution: str = "scan"
@@ -197,9 +204,11 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is str:
         return value if isinstance(value, str) else _BAD
     if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list):
             return _BAD
-        return tuple(value)
+        items = [_coerce(v, item) for v in value]
+        return _BAD if any(v is _BAD for v in items) else tuple(items)
     if origin is Mapping or origin is dict:
         if not isinstance(value, Mapping) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
@@ -212,7 +221,8 @@ def _coerce(value: Any, hint: Any) -> Any:
 def _describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin is tuple:
-        return "a list of strings"
+        item = typing.get_args(hint)[0]
+        return "a list of integers" if item is int else "a list of strings"
     if origin in (Mapping, dict):
         return "a table of numbers"
     return getattr(hint, "__name__", str(hint))
@@ -256,6 +266,10 @@ def _check(config: ExperimentConfig) -> list[str]:
             problems.append(f"{name}.warmup_epochs: must be at least 0 and fewer than the epochs")
         if not 0 <= phase.min_lr_fraction <= 1 or not 0 <= phase.label_smoothing < 1:
             problems.append(f"{name}: min_lr_fraction must be in [0, 1] and label_smoothing in [0, 1)")
+    if config.extra_seed_steps not in ("headline", "all"):
+        problems.append("extra_seed_steps: must be 'headline' or 'all'")
+    if config.seed in config.extra_seeds or len(set(config.extra_seeds)) != len(config.extra_seeds):
+        problems.append("extra_seeds: must differ from seed and from each other")
     augment = config.augment
     if augment.hed < 0 or augment.hed >= 1 or augment.hed_bias < 0:
         problems.append("augment.hed must be in [0, 1) and augment.hed_bias >= 0")

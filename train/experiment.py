@@ -66,6 +66,18 @@ class Step:
         return zlib.crc32(self.name.encode()) % 100_000
 
 
+def headline_steps(config: ExperimentConfig) -> list[Step]:
+    """The steps repeated for every extra seed: the teacher, the baselines and the students
+    distilled on labeled + unlabeled data (the rows a claim rests on)."""
+    d = config.distill
+    steps = [Step("teacher", config.teacher_resolution)]
+    steps += [Step("baseline", r) for r in config.student_resolutions]
+    if "labeled+unlabeled" in d.regimes:
+        steps += [Step("distill", r, "labeled+unlabeled", d.pixel, d.attention_weight)
+                  for r in config.student_resolutions]
+    return steps
+
+
 def plan_steps(config: ExperimentConfig) -> list[Step]:
     """Every step of a full experiment, in the order they depend on each other."""
     d = config.distill
@@ -87,11 +99,16 @@ def plan_steps(config: ExperimentConfig) -> list[Step]:
 class Experiment:
     """Data and folders of one run; every phase asks it for datasets and writes into it."""
 
-    def __init__(self, config: ExperimentConfig, run_dir: str | Path, runtime: Runtime) -> None:
+    def __init__(self, config: ExperimentConfig, run_dir: str | Path, runtime: Runtime,
+                 training_seed: int | None = None, cache_dir: Path | None = None) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.runtime = runtime
-        self.cache_dir = config.path(config.data.cache_dir) if config.data.cache_dir else self.run_dir / "cache"
+        #: The seed of training (initialisation, order, augmentation); the split keeps
+        #: ``split_seed`` whatever this is.
+        self.training_seed = config.seed if training_seed is None else training_seed
+        self.cache_dir = cache_dir or (config.path(config.data.cache_dir) if config.data.cache_dir
+                                       else self.run_dir / "cache")
         self._caches: dict[tuple[str, float], PixelCache] = {}
         if runtime.is_main:
             self._record_config()
@@ -128,7 +145,7 @@ class Experiment:
                 group_by=data.group_by,
                 crop_px=data.crop_px or None,
             )
-            splits = split_by_group(items, data.split, cfg.seed)
+            splits = split_by_group(items, data.split, self.split_seed)
         else:
             classes, splits = scan_slide_list(cfg.path(data.slides), assume_mpp=data.scan_mpp or None)
         if "train" not in splits:
@@ -138,7 +155,8 @@ class Experiment:
         auxiliary = list(splits.pop(UNLABELED, [])) + [i for i in train if i.label is None]
         train = [i for i in train if i.label is not None]
         if data.labeled_fraction < 1:
-            parts = split_by_group(train, {LABELED: data.labeled_fraction, UNLABELED: 1 - data.labeled_fraction}, cfg.seed + 1)
+            parts = split_by_group(train, {LABELED: data.labeled_fraction, UNLABELED: 1 - data.labeled_fraction},
+                                   self.split_seed + 1)
         else:
             parts = {LABELED: train, UNLABELED: []}
         auxiliary = list(parts[UNLABELED]) + auxiliary
@@ -190,8 +208,18 @@ class Experiment:
         mean, std = channel_stats(self.cache(LABELED, self.config.teacher_resolution))
         return Normalization(mean=mean, std=std)
 
+    @property
+    def split_seed(self) -> int:
+        """The split's seed: ``data.split_seed``, else the experiment's."""
+        return self.config.data.split_seed if self.config.data.split_seed >= 0 else self.config.seed
+
     def step_seed(self, step: Step) -> int:
-        return self.config.seed + step.seed_offset
+        return self.training_seed + step.seed_offset
+
+    def for_seed(self, seed: int) -> "Experiment":
+        """The same experiment (split, cache) trained with another seed, in RUN/seed-<k>/."""
+        return Experiment(self.config, self.run_dir / f"seed-{seed}", self.runtime, training_seed=seed,
+                          cache_dir=self.cache_dir)
 
     def spec(self, step: Step, extra: dict | None = None) -> ModelSpec:
         return ModelSpec(

@@ -200,7 +200,7 @@ def evaluate_step(exp: Experiment, step: Step) -> dict[str, Any]:
     labels = [i.label for i in exp.items(split)]
     metrics = evaluate_model(model, cache, labels, spec, exp.runtime, evaluation.bootstrap, batch_size=evaluation.batch_size)
     row = {
-        "name": step.name, "phase": step.phase, "method": step.method,
+        "name": step.name, "phase": step.phase, "method": step.method, "seed": exp.training_seed,
         "magnification": spec.magnification, "mpp": spec.target_mpp,
         "input_px": metrics.pop("input_px"), "gflops": metrics.pop("gflops"), "metrics": metrics,
     }

@@ -49,6 +49,64 @@ MARKDOWN_NAME = "results.md"
 PLOT_NAME = "accuracy_vs_gflops.png"
 
 
+def gather_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every evaluated step of a run and of its extra seeds' runs (``RUN/seed-*/``)."""
+    run_dir = Path(run_dir)
+    paths = sorted(run_dir.glob("steps/*/metrics.json")) + sorted(run_dir.glob("seed-*/steps/*/metrics.json"))
+    return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+
+
+def first_seed_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per step: that of its lowest seed (the main table keeps the paper's shape)."""
+    kept: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        name = row["name"]
+        if name not in kept or row.get("seed", 0) < kept[name].get("seed", 0):
+            kept[name] = row
+    return list(kept.values())
+
+
+def seed_groups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Steps evaluated with two or more seeds: mean and sample SD of each table metric over
+    the seeds, and every seed's value with its CI. Ordered like the main table."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_name.setdefault(row["name"], []).append(row)
+    groups = []
+    for name, members in by_name.items():
+        seeds = sorted({m.get("seed", 0) for m in members})
+        if len(seeds) < 2:
+            continue
+        members = sorted(members, key=lambda m: m.get("seed", 0))
+        first = members[0]
+        summary = {}
+        for _, key in _TABLE_METRICS:
+            values = np.array([100.0 * m["metrics"][key]["value"] for m in members])
+            summary[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)),
+                            "min": float(values.min()), "max": float(values.max())}
+        groups.append({**{k: first[k] for k in ("name", "phase", "method", "magnification", "mpp")},
+                       "input_px": first.get("input_px"), "gflops": first.get("gflops"), "seeds": seeds,
+                       "summary": summary,
+                       "per_seed": [{"seed": m.get("seed", 0), "macro_f1": m["metrics"]["macro_f1"],
+                                     "accuracy": m["metrics"]["accuracy"]} for m in members]})
+    return sorted(groups, key=lambda g: (float(g["mpp"]), PHASES.index(g["phase"])))
+
+
+def render_seeds(groups: Sequence[dict[str, Any]]) -> str:
+    """The over-seeds table: mean ± SD, and each seed's macro F1 with its CI."""
+    if not groups:
+        return ""
+    lines = ["", "Over seeds (mean ± sample SD of the seeds' test metrics; each seed's macro F1 with its "
+                 "95% bootstrap CI):", "",
+             "| Magnification | Method | Seeds | Accuracy | F1 | F1 per seed |", "|---|---|---|---:|---:|---|"]
+    for g in groups:
+        acc, f1 = g["summary"]["accuracy"], g["summary"]["macro_f1"]
+        per_seed = "; ".join(f"{p['seed']}: {format_percent_ci(p['macro_f1'])}" for p in g["per_seed"])
+        lines.append(f"| {_escape(g['magnification'])} | {_escape(g['method'])} | {len(g['seeds'])} | "
+                     f"{acc['mean']:.1f} ± {acc['sd']:.1f} | {f1['mean']:.1f} ± {f1['sd']:.1f} | {per_seed} |")
+    return "\n".join(lines) + "\n"
+
+
 def _check_rows(rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         raise LowmagError("no result rows to report: evaluate at least one model first.")
@@ -106,12 +164,15 @@ def _class_names(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def render_markdown(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:
-    """The results as GitHub Markdown: a table grouped by magnification, then per-class F1.
+    """The results as GitHub Markdown: a table grouped by magnification, then per-class F1,
+    then, for steps trained with several seeds, the table over seeds.
 
     Magnification and input size are written on the first row of each group only, as in
-    the paper's tables; the per-class table repeats them so each row stands alone.
+    the paper's tables; the per-class table repeats them so each row stands alone. The
+    first two tables show each step's lowest seed.
     """
-    ordered = order_rows(rows)
+    groups = seed_groups(rows)
+    ordered = order_rows(first_seed_rows(rows))
     lines: list[str] = []
     if title:
         lines += [f"## {title}", ""]
@@ -148,7 +209,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], title: str | None = None) ->
                  for name in classes]
         lines.append(f"| {_escape(row['magnification'])} | {_escape(row['method'])} | "
                      + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + render_seeds(groups)
 
 
 def _has_gflops(row: dict[str, Any]) -> bool:
@@ -179,7 +240,8 @@ def plot_accuracy_vs_gflops(rows: Sequence[dict[str, Any]], path: str | Path) ->
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = _plottable(order_rows(rows))
+    spread = {g["name"]: g["summary"]["accuracy"] for g in seed_groups(rows)}
+    rows = _plottable(order_rows(first_seed_rows(rows)))
     if not rows:
         raise LowmagError(f"cannot plot {path}: no result row has a positive GFLOPs value.")
     series: dict[str, list[dict[str, Any]]] = {}
@@ -193,7 +255,7 @@ def plot_accuracy_vs_gflops(rows: Sequence[dict[str, Any]], path: str | Path) ->
     for method, members in series.items():
         members = sorted(members, key=lambda row: row["gflops"])
         x = np.array([row["gflops"] for row in members], dtype=float)
-        acc = [row["metrics"]["accuracy"] for row in members]
+        acc = [_plotted_accuracy(row, spread) for row in members]
         y = np.array([100.0 * entry["value"] for entry in acc])
         has_ci = all(entry.get("ci_low") is not None for entry in acc)
         yerr = (np.array([[y_i - 100.0 * e["ci_low"], 100.0 * e["ci_high"] - y_i]
@@ -220,7 +282,7 @@ def plot_accuracy_vs_gflops(rows: Sequence[dict[str, Any]], path: str | Path) ->
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("GFLOPs per tile (log scale)")
-    ax.set_ylabel("Accuracy (%)")
+    ax.set_ylabel("Accuracy (%): mean ± SD over seeds where several, else 95% CI")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -231,6 +293,15 @@ def plot_accuracy_vs_gflops(rows: Sequence[dict[str, Any]], path: str | Path) ->
     path = Path(path)
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def _plotted_accuracy(row: dict[str, Any], spread: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A point's accuracy: the mean ± SD over seeds where there are several, else the row's
+    own value with its CI (as fractions, like the metrics)."""
+    if row["name"] not in spread:
+        return row["metrics"]["accuracy"]
+    s = spread[row["name"]]
+    return {"value": s["mean"] / 100, "ci_low": (s["mean"] - s["sd"]) / 100, "ci_high": (s["mean"] + s["sd"]) / 100}
 
 
 def _format_wall_time(seconds: float) -> str:
@@ -282,7 +353,7 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        text = json.dumps({"meta": meta, "results": list(rows)}, indent=2,
+        text = json.dumps({"meta": meta, "results": list(rows), "over_seeds": seed_groups(rows)}, indent=2,
                           ensure_ascii=False, default=_to_json)
     except (TypeError, ValueError) as err:
         raise LowmagError(f"cannot write {out_dir / JSON_NAME}: {err}") from err

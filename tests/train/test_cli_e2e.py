@@ -148,3 +148,25 @@ def test_an_interrupted_run_resumes_without_redoing_finished_steps(tiny_config: 
     assert (out / "steps/teacher-scan/model.safetensors").stat().st_mtime_ns == teacher_written
     assert (out / "report/results.md").is_file()
     assert len(list((out / "steps").glob("*/metrics.json"))) == len(EXPECTED_STEPS)
+
+
+def test_extra_seeds_retrain_the_headline_steps_on_the_same_split_and_the_report_gathers_them(
+        tiny_config: Path, tmp_path: Path) -> None:
+    config = tiny_config.read_text().replace('seed = 1\n', 'seed = 1\nextra_seeds = [5]\n', 1)
+    config = config.replace("regimes = [\"labeled\", \"labeled+unlabeled\"]", "regimes = [\"labeled+unlabeled\"]")
+    config = config.replace("ablation = [\"maxpool\"]", "ablation = []").replace("enabled = true", "enabled = false")
+    tiny_config.write_text(config)
+    out = tmp_path / "run"
+    _invoke(["run", str(tiny_config), "--out", str(out)])
+
+    headline = ["baseline-scan_2", "distill-aux-both-att0.5-scan_2", "teacher-scan"]
+    assert sorted(p.name for p in (out / "seed-5" / "steps").iterdir()) == headline
+    first, second = (json.loads((d / "splits.json").read_text())["items"] for d in (out, out / "seed-5"))
+    assert first == second  # the extra seed does not re-split the data
+    seeds = {json.loads(p.read_text())["seed"] for p in (out / "seed-5" / "steps").glob("*/metrics.json")}
+    assert seeds == {5}
+    teacher = read_spec(out / "seed-5" / "steps" / "teacher-scan")
+    assert teacher.provenance.seed != read_spec(out / "steps" / "teacher-scan").provenance.seed
+    report = json.loads((out / "report" / "results.json").read_text())
+    assert sorted(g["name"] for g in report["over_seeds"]) == headline
+    assert "Over seeds" in (out / "report" / "results.md").read_text()

@@ -38,3 +38,15 @@ def test_kather_split_never_separates_a_source_crop(tmp_path: Path) -> None:
     assert {exp.classes[i.label] for i in exp.items("labeled")} == set(exp.classes)
     assert {exp.classes[i.label] for i in exp.items("test")} == set(exp.classes)
     assert exp.mpp("scan/2") == pytest.approx(0.99) and exp.mpp("scan/8") == pytest.approx(3.96)
+
+
+@pytest.mark.skipif(not (KATHER / "tiles.csv").is_file(), reason=f"Kather 2016 tiles not found at {KATHER}")
+def test_the_headline_config_splits_exactly_as_the_full_experiment(tmp_path: Path) -> None:
+    """Its rows must be comparable with the full experiment's: same tiles in every part."""
+    full = load_config(CONFIG, {"data": {"images": str(KATHER)}})
+    headline = load_config(CONFIG.with_name("kather2016-headline.toml"), {"data": {"images": str(KATHER)}})
+    a = Experiment(full, tmp_path / "full", make_runtime(full.runtime))
+    b = Experiment(headline, tmp_path / "headline", make_runtime(headline.runtime))
+    for part in ("labeled", "unlabeled", "val", "test"):
+        assert [i.key() for i in a.items(part)] == [i.key() for i in b.items(part)], part
+    assert headline.augment.hed > 0 and headline.teacher.schedule == "cosine"

@@ -165,3 +165,35 @@ def test_runs_that_differ_only_in_attention_weight_get_their_own_name_and_method
     assert [s.method for s in steps] == ["Distillation (labeled + unlabeled)",
                                          "Distillation (labeled + unlabeled, + attention 0.1)",
                                          "Distillation (labeled + unlabeled, + attention 1)"]
+
+
+def test_steps_trained_with_several_seeds_are_reported_as_mean_and_sd_with_each_seeds_ci(rows, tmp_path):
+    seeded = []
+    for seed, pred in ((0, Y_PRED), (1, [0, 0, 0, 0, 1, 1, 1, 2, 2, 1]), (2, Y_TRUE)):  # accuracy 60, 90, 100
+        row = _row("teacher", "teacher", "Teacher", "40x", 0.25, 288, 3.05, pred=pred)
+        seeded.append({**row, "seed": seed})
+    all_rows = [r for r in rows if r["name"] != "teacher"] + seeded
+
+    markdown = render_markdown(all_rows)
+
+    main = _table_cells(markdown.split("Per-class")[0])
+    assert [r[2] for r in main[1:]].count("Teacher") == 1  # the main table: one row per step (seed 0)
+    assert main[1][4].startswith("60.0")
+    over = _table_cells(markdown.split("Over seeds")[1])
+    assert over[0] == ["Magnification", "Method", "Seeds", "Accuracy", "F1", "F1 per seed"]
+    assert over[1][:4] == ["40x", "Teacher", "3", "83.3 ± 20.8"]  # mean 83.3, sample SD 20.8
+    assert over[1][5].startswith("0: ") and "; 2: 100.0" in over[1][5]
+    written = write_report(all_rows, tmp_path / "report", {"title": "seeds"})
+    data = json.loads(written["json"].read_text())
+    assert data["over_seeds"][0]["seeds"] == [0, 1, 2]
+    assert written["plot"].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_gathers_the_extra_seeds_runs_of_a_run_folder(rows, tmp_path):
+    from lowmag.train.report import gather_rows
+
+    for folder, seed in ((tmp_path / "run", 0), (tmp_path / "run" / "seed-4", 4)):
+        step = folder / "steps" / "teacher"
+        step.mkdir(parents=True)
+        (step / "metrics.json").write_text(json.dumps({**rows[-1], "seed": seed}))
+    assert sorted(r["seed"] for r in gather_rows(tmp_path / "run")) == [0, 4]
