@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import click
 
-from lowmag.cli_support import handle_errors, stage_group
+from lowmag.cli_support import ManyValuesCommand, handle_errors, stage_group
 
 logger = logging.getLogger("lowmag.edge")
 
@@ -210,12 +210,13 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
         logger.info("stopped after %.0f s; %s", time.time() - started, ledger.counts())
 
 
-@main.command("bench")
+@main.command("bench", cls=ManyValuesCommand, many=("--models", "--slides"))
 @click.option("--models", "models", multiple=True, required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Bundle folders to compare (repeat the option, or give several after one --models).")
 @click.option("--slides", "slides", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
-              help="Slides, DICOM folders, or folders searched for slides.")
+              help="Slides, DICOM folders, or folders searched for slides (repeat the option, or give "
+                   "several after one --slides).")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Labeled images, one subfolder per class, for macro F1 with its 95% CI.")
 @click.option("--mpp", "images_mpp", type=click.FloatRange(min=0, min_open=True), default=None,

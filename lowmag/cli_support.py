@@ -85,6 +85,36 @@ class DefaultCommandGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
+class ManyValuesCommand(click.Command):
+    """A command whose ``many`` options take several values after one flag.
+
+    ``--models a b --slides x y`` (what a shell glob such as ``--models bundles/*`` gives)
+    is read as ``--models a --models b --slides x --slides y``; repeating the flag still
+    works. A value that begins with "-" needs its own flag (or a ``./`` in front).
+    """
+
+    def __init__(self, *args: Any, many: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.many = many
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        spread: list[str] = []
+        current: str | None = None  # the many-valued flag whose values are being read
+        for i, arg in enumerate(args):
+            if arg == "--":
+                spread.extend(args[i:])
+                break
+            if arg.startswith("-"):
+                flag = arg.split("=", 1)[0]
+                current = flag if flag in self.many else None
+                spread.append(arg)
+                continue
+            if current is not None and spread and spread[-1] != current:
+                spread.append(current)  # a further value of the same flag
+            spread.append(arg)
+        return super().parse_args(ctx, spread)
+
+
 def stage_group(summary: str, pending: str | None = None, default: str | None = None) -> click.Group:
     """The top-level click group of a stage command, with --version and -v.
 

@@ -77,3 +77,29 @@ def test_compare_paths_reports_a_table(runner, synthetic_slide):
     assert [r["target"] for r in rows] == ["1.25x", "5x"]
     assert all(0 <= r["mean_abs_diff"] < 6 for r in rows)
     assert [r["level"] for r in rows] == [3, 2]  # 8 and 2 µm/px levels
+
+
+def test_several_values_after_one_flag_read_as_the_flag_repeated():
+    import click
+    from click.testing import CliRunner
+
+    from lowmag.cli_support import ManyValuesCommand
+
+    @click.command(cls=ManyValuesCommand, many=("--models", "--slides"))
+    @click.option("--models", multiple=True)
+    @click.option("--slides", multiple=True)
+    @click.option("--out")
+    def command(models, slides, out):
+        click.echo(f"{list(models)} {list(slides)} {out}")
+
+    def run(*args):
+        result = CliRunner().invoke(command, list(args))
+        assert result.exit_code == 0, result.output
+        return result.output.strip()
+
+    assert run("--models", "a", "b", "--slides", "x", "y", "--out", "o") == "['a', 'b'] ['x', 'y'] o"
+    assert run("--models", "a", "--models", "b") == "['a', 'b'] [] None"
+    assert run("--models=a", "b", "--out", "o", "--models", "c") == "['a', 'b', 'c'] [] o"
+    # a value after an ordinary option is still an unexpected argument
+    refused = CliRunner().invoke(command, ["--out", "o", "stray"])
+    assert refused.exit_code == 2 and "stray" in refused.output

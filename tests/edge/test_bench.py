@@ -38,7 +38,8 @@ def test_bench_reports_every_student_on_every_runtime_against_the_reference(
     reference = make_bundle(tmp_path / "reference", target_mpp=0.5)
     images = labeled_folder(tmp_path / "labeled")
     out = tmp_path / "report"
-    result = edge("bench", "--models", str(onnx_bundle), "--models", str(openvino_bundle), "--slides", str(slides),
+    # several bundles after one --models, as a shell glob gives them (issue 15)
+    result = edge("bench", "--models", str(onnx_bundle), str(openvino_bundle), "--slides", str(slides),
                   "--images", str(images), "--mpp", "0.5", "--reference", str(reference), "--repeats", "2",
                   "--threads", "1", "--out", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
