@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Export the Kather 2016 students (distillation with the unlabeled tiles) to ONNX and OpenVINO,
 # FP32 and INT8, each gated on the held-out test tiles, then time them on this machine.
-# Needs the finished run of `distill-train run train/configs/kather2016.toml --out runs/kather2016`.
+# Needs the finished run of `distill-train run train/configs/kather2016-v1.toml --out runs/kather2016`.
 # Writes bundles to runs/kather2016-bundles/ and the figures to docs/kather2016-export/.
 set -euo pipefail
 RUN=${RUN:-runs/kather2016}

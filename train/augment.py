@@ -39,9 +39,10 @@ class AugmentConfig:
     saturation: float = 0.1
     hue: float = 0.02  # fraction of a full turn
     #: Stain jitter: each of haematoxylin, eosin and DAB scaled by 1 ± hed and shifted by
-    #: ± hed_bias optical density (Tellez et al.'s "HED-light" is 0.05, 0.05).
-    hed: float = 0.0
-    hed_bias: float = 0.0
+    #: ± hed_bias optical density (Tellez et al.'s "HED-light", the default since issue 14;
+    #: 0, 0 is the recipe before it and draws the same augmentations as it did).
+    hed: float = 0.05
+    hed_bias: float = 0.05
 
 
 @dataclass(frozen=True)

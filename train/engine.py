@@ -30,7 +30,7 @@ from lowmag.train.datasets import MultiResolutionDataset, make_loader
 
 log = logging.getLogger(__name__)
 
-StepFn = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], torch.Tensor]
+StepFn = Callable[[nn.Module, list[torch.Tensor], "torch.Tensor | Mixed"], torch.Tensor]
 ScoreFn = Callable[[nn.Module], float]
 
 
@@ -123,6 +123,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass(frozen=True)
+class Mixed:
+    """The labels of a mixup batch: item i is ``lam`` of label ``a[i]`` and 1 - ``lam`` of ``b[i]``."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    lam: float
+
+
+def mix_batch(images: list[torch.Tensor], labels: torch.Tensor, alpha: float, rng: np.random.Generator
+              ) -> tuple[list[torch.Tensor], "torch.Tensor | Mixed"]:
+    """Mixup: blend the batch with a shuffled copy of itself, alike at every resolution.
+
+    The weight comes from Beta(alpha, alpha), folded to >= 0.5 so the first image leads. A
+    batch of one image (variable-size pieces) is left as it is.
+    """
+    if alpha <= 0 or len(labels) < 2:
+        return images, labels
+    lam = float(rng.beta(alpha, alpha))
+    lam = max(lam, 1.0 - lam)
+    order = torch.from_numpy(rng.permutation(len(labels))).to(labels.device)
+    mixed = [lam * x + (1.0 - lam) * x[order] for x in images]
+    return mixed, Mixed(labels, labels[order], lam)
+
+
 @dataclass
 class FitResult:
     epochs_run: int
@@ -178,7 +203,13 @@ def fit(
             loader.sampler.set_epoch(epoch)
         trained.train()
         began = time.perf_counter()
-        mean_loss = _run_epoch(trained, step, loader, accumulate, optimiser, runtime, f"{description} {epoch + 1}/{phase.epochs}")
+        mix = None
+        if phase.mixup > 0:  # drawn from (seed, epoch, batch): a resumed epoch mixes alike
+            def mix(images, labels, i, _epoch=epoch):
+                rng = np.random.default_rng([seed, _epoch, i, runtime.rank])
+                return mix_batch(images, labels, phase.mixup, rng)
+        mean_loss = _run_epoch(trained, step, loader, accumulate, optimiser, runtime,
+                               f"{description} {epoch + 1}/{phase.epochs}", mix)
         record = {"epoch": epoch + 1, "loss": mean_loss, "lr": phase.lr_at(epoch),
                   "train_seconds": round(time.perf_counter() - began, 1)}
         if runtime.is_main:
@@ -199,7 +230,7 @@ def fit(
     return result
 
 
-def _run_epoch(model, step, loader, accumulate, optimiser, runtime, description) -> float:
+def _run_epoch(model, step, loader, accumulate, optimiser, runtime, description, mix=None) -> float:
     from tqdm import tqdm
 
     total, count = 0.0, 0
@@ -209,6 +240,8 @@ def _run_epoch(model, step, loader, accumulate, optimiser, runtime, description)
     for i, (images, labels) in enumerate(batches):
         images = runtime.to_device(images)
         labels = labels.to(runtime.device)
+        if mix is not None:
+            images, labels = mix(images, labels, i)
         last = i + 1 == len(loader)
         sync = pending + 1 == accumulate or last
         context = model.no_sync() if runtime.distributed and not sync else contextlib.nullcontext()

@@ -123,10 +123,15 @@ class Experiment:
             previous = _comparable(json.loads(path.read_text(encoding="utf-8")))
             if previous != current:
                 changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+                hint = ""
+                if {"teacher", "student", "augment"} & set(changed):
+                    hint = ("; if the config did not change, the default recipe did (it was "
+                            "improved): set the values in the folder's config.json explicitly, as "
+                            "train/configs/kather2016-v1.toml does for the recipe before it")
                 raise LowmagError(
                     f"{self.run_dir}: this run folder was made with a different config "
                     f"(changed: {', '.join(changed)}); use a new --out folder to start over, "
-                    "or restore the original config to resume"
+                    f"or restore the original config to resume{hint}"
                 )
         atomic_write_text(path, json.dumps(self.config.to_dict(), indent=2, default=str))
 

@@ -23,7 +23,7 @@ from lowmag.train.cache import ConcatCache
 from lowmag.train.config import PhaseConfig
 from lowmag.train.checkpoint import is_complete, load_checkpoint, save_checkpoint
 from lowmag.train.datasets import MultiResolutionDataset
-from lowmag.train.engine import Runtime, fit, predict
+from lowmag.train.engine import Mixed, Runtime, fit, predict
 from lowmag.train.experiment import LABELED, UNLABELED, Experiment, Step
 from lowmag.train.flops import forward_gflops
 from lowmag.train.losses import DistillationLoss
@@ -96,8 +96,12 @@ def _labeled(exp: Experiment, resolutions: list[str], seed: int) -> MultiResolut
 
 def _cross_entropy(smoothing: float = 0.0):
     """The step of the label-trained models (teacher, baselines)."""
-    def step(model: nn.Module, images: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(_logits(model(images[0])).float(), labels, label_smoothing=smoothing)
+    def step(model: nn.Module, images: list[torch.Tensor], labels) -> torch.Tensor:
+        logits = _logits(model(images[0])).float()
+        if isinstance(labels, Mixed):  # mixup: the blend of the two images' losses
+            return (labels.lam * F.cross_entropy(logits, labels.a, label_smoothing=smoothing)
+                    + (1.0 - labels.lam) * F.cross_entropy(logits, labels.b, label_smoothing=smoothing))
+        return F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
     return step
 
@@ -180,7 +184,10 @@ def _finetune(exp: Experiment, step: Step, out: Path):
     for name, p in student.named_parameters():
         p.requires_grad_(name.startswith("fc."))
     dataset = _labeled(exp, [step.resolution], seed)
-    phase = PhaseConfig(epochs=cfg.finetune.epochs, batch_size=cfg.student.batch_size, lr=cfg.finetune.lr)
+    # The FC fine-tuning keeps its own plain recipe (constant lr, no decay): nothing measured
+    # says the default recipe helps a single linear layer.
+    phase = PhaseConfig(epochs=cfg.finetune.epochs, batch_size=cfg.student.batch_size, lr=cfg.finetune.lr,
+                        weight_decay=0.0, schedule="constant", warmup_epochs=0, min_lr_fraction=0.0)
     result = fit(student, _cross_entropy(), dataset, phase, exp.runtime, out, seed=seed,
                  score=_validation_score(exp, step.resolution), parameters=list(student.fc.parameters()),
                  description=step.name)

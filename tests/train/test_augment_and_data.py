@@ -67,7 +67,7 @@ def test_rot90_and_flip_move_pixels_as_expected():
 @pytest.mark.parametrize("seed", range(6))
 def test_colour_and_contrast_commute_with_downsampling(seed):
     image = _mid_grey_image(seed)
-    config = AugmentConfig(brightness=0.05, contrast=0.05, saturation=0.05, hue=0.01)
+    config = AugmentConfig(brightness=0.05, contrast=0.05, saturation=0.05, hue=0.01, hed=0.0, hed_bias=0.0)
     params = augment.draw(config, torch.Generator().manual_seed(seed))
     assert not torch.equal(params.colour, torch.eye(3))
     big = augment.apply(image, params)
@@ -112,14 +112,21 @@ def test_stain_jitter_commutes_with_downsampling_up_to_a_measured_error(syntheti
 
 
 def test_configs_without_stain_jitter_draw_the_same_augmentations_as_before():
-    before = augment.draw(AugmentConfig(), torch.Generator().manual_seed(3))
+    before = augment.draw(AugmentConfig(hed=0.0, hed_bias=0.0), torch.Generator().manual_seed(3))
     assert not before.stains and before.stain_scale == (1.0, 1.0, 1.0)
+    # the default recipe jitters the stains and draws them after everything else, so the
+    # geometry and RGB colour of a draw are those of the recipe before it
+    now = augment.draw(AugmentConfig(), torch.Generator().manual_seed(3))
+    assert now.stains
+    assert (now.rotations, now.flip, now.contrast) == (before.rotations, before.flip, before.contrast)
+    assert torch.equal(now.colour, before.colour)
 
 
 def test_hue_and_saturation_leave_grey_unchanged_brightness_scales_it():
     grey = torch.full((3, 4, 4), 0.5)
     params = augment.draw(
-        AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.3, hue=0.2), torch.Generator().manual_seed(3)
+        AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.3, hue=0.2, hed=0.0, hed_bias=0.0),
+        torch.Generator().manual_seed(3)
     )
     torch.testing.assert_close(augment.apply(grey, params), grey, rtol=0, atol=1e-5)
     brighter = AugmentParams(0, False, 1.2 * torch.eye(3), 1.0)
@@ -141,10 +148,10 @@ def test_same_seed_gives_same_params_and_switched_off_ranges_do_nothing():
     assert torch.equal(a.colour, b.colour)
     draws = [augment.draw(config, torch.Generator().manual_seed(s)) for s in range(20)]
     assert len({(d.rotations, d.flip, round(d.contrast, 6)) for d in draws}) > 1
-    off = AugmentConfig(flips=False, rot90=False, brightness=0, contrast=0, saturation=0, hue=0)
+    off = AugmentConfig(flips=False, rot90=False, brightness=0, contrast=0, saturation=0, hue=0, hed=0, hed_bias=0)
     for s in range(5):
         p = augment.draw(off, torch.Generator().manual_seed(s))
-        assert (p.rotations, p.flip, p.contrast) == (0, False, 1.0)
+        assert (p.rotations, p.flip, p.contrast) == (0, False, 1.0) and not p.stains
         torch.testing.assert_close(p.colour, torch.eye(3), rtol=0, atol=1e-5)
 
 

@@ -110,6 +110,14 @@ def test_a_changed_config_is_refused_for_an_existing_run(tiny_config: Path, tmp_
     result = CliRunner().invoke(main, ["teacher", str(tiny_config), "--out", str(out)])
     assert result.exit_code == 1
     assert "different config" in result.output and "distill" in result.output
+    assert "default recipe" not in result.output
+    # a change of the recipe itself (here the teacher's weight decay, as an upgrade of the
+    # defaults would change it) says how to keep the old recipe
+    tiny_config.write_text(tiny_config.read_text().replace("temperature = 3.0", "temperature = 2.0")
+                           .replace("[teacher]\n", "[teacher]\nweight_decay = 0.0\n"))
+    result = CliRunner().invoke(main, ["teacher", str(tiny_config), "--out", str(out)])
+    assert result.exit_code == 1
+    assert "changed: teacher" in result.output and "default recipe" in result.output
 
 
 def test_distill_before_the_teacher_says_what_to_run(tiny_config: Path, tmp_path: Path) -> None:
