@@ -44,7 +44,7 @@ class PhaseConfig:
     lr: float = 1e-3
     #: The default recipe (issue 14; evidence in docs/kather2016-recipe.md). Configs written
     #: for the recipe before it spell out the old values: weight_decay 0, schedule
-    #: "constant", warmup_epochs 0, min_lr_fraction 0, label_smoothing 0.
+    #: "constant", warmup_epochs 0, min_lr_fraction 0.
     weight_decay: float = 5e-4
     #: Learning rate over the epochs: "constant", or "cosine" (down to lr x min_lr_fraction
     #: at the last epoch), after ``warmup_epochs`` of linear warm-up (at most epochs - 1 of
@@ -52,8 +52,10 @@ class PhaseConfig:
     schedule: str = "cosine"
     warmup_epochs: int = 1
     min_lr_fraction: float = 0.01
-    #: Cross-entropy on labels (teacher, baselines) with this label smoothing.
-    label_smoothing: float = 0.1
+    #: Cross-entropy on labels (teacher, baselines) with this label smoothing. Off by
+    #: default: it measured no gain, and a label-smoothed teacher distils worse (Müller et
+    #: al. 2019; the demo's students collapsed to one class behind such a teacher).
+    label_smoothing: float = 0.0
     #: Mixup (Zhang et al. 2018): each batch is blended with a shuffled copy of itself by a
     #: weight drawn from Beta(mixup, mixup); 0 turns it off. Label-trained models learn the
     #: blended labels; a distilled pair is blended alike at both resolutions (blending is
