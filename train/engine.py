@@ -205,9 +205,8 @@ def fit(
         began = time.perf_counter()
         mix = None
         if phase.mixup > 0:  # drawn from (seed, epoch, batch): a resumed epoch mixes alike
-            def mix(images, labels, i, _epoch=epoch):
-                rng = np.random.default_rng([seed, _epoch, i, runtime.rank])
-                return mix_batch(images, labels, phase.mixup, rng)
+            def mix(images, labels, i):
+                return mix_batch(images, labels, phase.mixup, np.random.default_rng([seed, epoch, i, runtime.rank]))
         mean_loss = _run_epoch(trained, step, loader, accumulate, optimiser, runtime,
                                f"{description} {epoch + 1}/{phase.epochs}", mix)
         record = {"epoch": epoch + 1, "loss": mean_loss, "lr": phase.lr_at(epoch),

@@ -70,12 +70,9 @@ def headline_steps(config: ExperimentConfig) -> list[Step]:
     """The steps repeated for every extra seed: the teacher, the baselines and the students
     distilled on labeled + unlabeled data (the rows a claim rests on)."""
     d = config.distill
-    steps = [Step("teacher", config.teacher_resolution)]
-    steps += [Step("baseline", r) for r in config.student_resolutions]
-    if "labeled+unlabeled" in d.regimes:
-        steps += [Step("distill", r, "labeled+unlabeled", d.pixel, d.attention_weight)
-                  for r in config.student_resolutions]
-    return steps
+    return [s for s in plan_steps(config) if s.phase in ("teacher", "baseline")
+            or (s.phase == "distill" and s.regime == "labeled+unlabeled" and s.pixel == d.pixel
+                and s.attention_weight == d.attention_weight)]
 
 
 def plan_steps(config: ExperimentConfig) -> list[Step]:
