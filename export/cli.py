@@ -109,8 +109,16 @@ def summarise(spec, out: Path, verb: str = "wrote") -> str:
             f"{temperature['ece_after']:.3f} on {temperature['images']} validation images"
             + ("" if temperature.get("applied", True) else f" (not applied: {temperature['why']}; spec keeps 1.0)")
         )
+    from lowmag.fingerprint import Fingerprint
+
     fingerprint = spec.fingerprint
-    if fingerprint:
+    problems = Fingerprint(fingerprint).check(float(spec.target_mpp)) if fingerprint else []
+    if problems:
+        # A checkpoint made by an older lowmag carries an older fingerprint: the bundle is
+        # fine, but edge-classify will not use it (it warns once per bundle).
+        lines.append(f"fingerprint of the training data NOT usable ({'; '.join(problems)}): edge-classify will only "
+                     "check slides are brightfield; re-export with --refresh-fingerprint and --calibration to fix it")
+    elif fingerprint:
         lines.append(f"fingerprint of the training data: {fingerprint['images']} images ({fingerprint['source']}), "
                      f"threshold {fingerprint['threshold']:g} ({fingerprint['held_out_windows']} held-out windows of "
                      f"{fingerprint['window_px']} px)")

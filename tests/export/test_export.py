@@ -324,3 +324,21 @@ def test_the_bundle_keeps_the_checkpoints_fingerprint_or_refreshes_it_from_calib
                                         "--mpp", str(SCAN_MPP), "--refresh-fingerprint"])
     assert refused.exit_code == 1 and "--refresh-fingerprint makes the fingerprint from the --calibration" in \
         refused.output
+
+
+def test_a_checkpoint_with_an_older_fingerprint_exports_and_says_it_will_not_be_used(student, he_eval, tmp_path):
+    """A checkpoint trained by an older lowmag carries a fingerprint without window_px: the
+    export used to write the bundle and then crash on its summary (KeyError, exit 1)."""
+    import shutil
+
+    old = tmp_path / "old-checkpoint"
+    shutil.copytree(student, old)
+    spec = json.loads((old / "lowmag.json").read_text())
+    if not spec.get("fingerprint"):
+        pytest.skip("the fixture checkpoint has no fingerprint")
+    for key in ("window_px", "held_out_windows"):
+        spec["fingerprint"].pop(key, None)
+    (old / "lowmag.json").write_text(json.dumps(spec))
+    result = export([old, "--out", tmp_path / "bundle", "--eval-images", he_eval, "--mpp", SCAN_MPP])
+    assert result.exit_code == 0, result.output
+    assert "NOT usable" in result.output and "window_px" in result.output and "--refresh-fingerprint" in result.output
