@@ -87,8 +87,12 @@ class Slide:
     info: SlideInfo
     #: Levels found undecodable or inconsistent (the reader then uses finer levels).
     unreadable_levels: frozenset[int] = frozenset()
-    #: Set by ``lowmag.reader.verify_pyramid`` once the levels have been checked.
+    #: Set by ``lowmag.reader.verify_pyramid`` once every level has been checked...
     pyramid_verified: bool = False
+    #: ...and, while it checks them as reads need them, the last level checked and the
+    #: coarsest verified level the next one is compared with.
+    pyramid_checked_through: int = 0
+    pyramid_reference: int = 0
 
     def mark_level_unreadable(self, level: int, error: Exception) -> None:
         """Record that ``level`` cannot be decoded, so reads fall back to finer levels."""
@@ -198,14 +202,18 @@ def _composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray
         rgba = np.repeat(rgba[..., None], 3, axis=2)
     if rgba.shape[2] == 3:
         return np.ascontiguousarray(rgba, dtype=np.uint8)
-    rgb = rgba[..., :3]
+    rgb = np.ascontiguousarray(rgba[..., :3])
     alpha = rgba[..., 3]
     if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    a = alpha[..., None].astype(np.float32) / 255.0
+        return rgb
+    # Only the pixels that are not opaque are blended (an opaque pixel blends to itself):
+    # one transparent edge row must not cost a float pass over a whole overview.
+    where = alpha != 255
+    a = alpha[where][:, None].astype(np.float32) / 255.0
     bg = np.asarray(background, dtype=np.float32)
-    out = rgb.astype(np.float32) * a + bg * (1.0 - a)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    blended = rgb[where].astype(np.float32) * a + bg * (1.0 - a)
+    rgb[where] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return rgb
 
 
 def open_slide(path: str | Path, *, assume_mpp: float | None = None) -> Slide:
