@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,9 @@ class BackendChoice:
         return f"{self.backend} on {self.device} ({self.model.name})"
 
 
+@lru_cache(maxsize=1)
 def ort_cuda_available() -> bool:
+    """Whether ONNX Runtime has CUDA here (asked once per process: it cannot change)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -54,7 +57,9 @@ def ort_cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+@lru_cache(maxsize=1)
 def openvino_gpu_available() -> bool:
+    """Whether OpenVINO sees a GPU (asked once per process: the probe starts a Core, ~0.3 s)."""
     try:
         import openvino as ov
 

@@ -2,12 +2,14 @@
 
 The steps, each timed (milliseconds in every result):
 
-1. ``hash``: sha256 of the slide's files (identifies the content in the results).
+1. ``hash``: sha256 of the slide's files (identifies the content in the results), in a
+   thread beside steps 2-6; the stage is the time left waiting for it at the end.
 2. ``open``: ``open_slide`` (core); a slide scanned coarser than the model's µm/px is
    refused: upsampling would invent detail the student never saw.
 3. ``tissue``: ``locate_tissue`` (core), on a low-resolution read of the whole slide.
 4. ``read`` / ``resample``: ``read_at_mpp`` (core) of each tissue box from the pyramid,
-   split into decoding the slide's pixels and box-averaging plus Lanczos.
+   split into decoding the slide's pixels and box-averaging plus Lanczos; done one piece
+   ahead in a thread, beside step 5 (so these stages overlap inference in time).
 5. ``inference``: each piece runs at its own size, as the students were trained. A piece
    larger than ``max_piece_px`` on a side at the model's µm/px is cut into a grid of
    near-equal tiles, read one at a time (memory stays bounded); its probabilities are
@@ -40,11 +42,13 @@ import logging
 import math
 import os
 import stat
+import threading
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -60,6 +64,7 @@ from lowmag.fingerprint import Fingerprint, StainStats, Verdict
 from lowmag.tissue import Modality, TissueBox, TissueParams, colour_saturation, find_tissue
 
 logger = logging.getLogger("lowmag.edge")
+T = TypeVar("T")
 
 #: The smallest side export-student traces graphs for (export.onnx_graph.MIN_SIDE).
 MIN_INPUT_SIDE = 16
@@ -214,6 +219,76 @@ def _combined(named: Sequence[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
+def in_background(job: Callable[[], T]) -> "Future[T]":
+    """Run ``job`` in a daemon thread now; its result (or exception) comes from the future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(job())
+        except BaseException as error:  # handed to whoever waits on the future
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="lowmag-hash", daemon=True).start()
+    return future
+
+
+class Prefetched:
+    """``read(item)`` for each item in order, one item ahead in a thread: the next piece is
+    decoded and resampled while the current one is inferred (the runtimes release the GIL,
+    so both cores work). At most one read result waits; the pixels and their order are those
+    of reading in turn. Use as a context manager: leaving it stops the thread."""
+
+    def __init__(self, items: Sequence[Region], read: Callable[[Region], np.ndarray]) -> None:
+        import queue
+
+        self._items = list(items)
+        self._read = read
+        self._queue: "queue.Queue[tuple[bool, object]]" = queue.Queue(maxsize=1)
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="lowmag-read", daemon=True)
+
+    def __enter__(self) -> "Prefetched":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import queue
+
+        self._cancel.set()
+        while self._thread.is_alive():  # unblock a put waiting for room, then let it see the cancel
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+    def next(self) -> np.ndarray:
+        ok, value = self._queue.get()
+        if not ok:
+            raise value  # type: ignore[misc]  # the read's own error, in the caller's thread
+        return value  # type: ignore[return-value]
+
+    def _work(self) -> None:
+        import queue
+
+        for item in self._items:
+            if self._cancel.is_set():
+                return
+            try:
+                outcome: tuple[bool, object] = (True, self._read(item))
+            except BaseException as error:  # handed to the caller, which raises it
+                outcome = (False, error)
+            while not self._cancel.is_set():
+                try:
+                    self._queue.put(outcome, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            if not outcome[0]:
+                return
+
+
 def tile_regions(box: TissueBox, size_px: tuple[int, int], max_piece_px: int) -> list[Region]:
     """A near-equal grid of level-0 regions covering ``box``, each at most ``max_piece_px``."""
     nx = max(1, math.ceil(size_px[0] / max_piece_px))
@@ -285,21 +360,35 @@ class SlideClassifier:
 
     def classify(self, path: Path, files: Sequence[Path] | None = None,
                  should_stop: Callable[[], bool] = lambda: False, timer: Timer | None = None,
-                 content: tuple[str, int, int] | None = None) -> SlideClassification:
+                 content: tuple[str, int, int] | Callable[[], tuple[str, int, int]] | None = None
+                 ) -> SlideClassification:
         """Classify the slide at ``path`` (``files``: what it consists of, for the hash).
 
-        ``content`` is (sha256, bytes, files) when the caller hashed the files already (the
-        edge runner does, with the files it checked), into ``timer``'s ``hash`` stage.
+        ``content`` is (sha256, bytes, files) when the caller hashed the files already, or a
+        function that hashes them (the edge runner's, on the files it checked). The hash runs
+        in a thread beside the work on the pixels (which decodes a small part of the file)
+        and is waited for at the end: the ``hash`` stage is only that wait. A hash that fails
+        (the file was replaced meanwhile) wins over the slide's own error; a slide's error
+        carries the sha256 as ``lowmag_sha256`` when the hash succeeded.
         """
         timer = timer or Timer()
-        config = self.config
         if content is None:
-            with timer.stage("hash"):
-                files = list(files) if files else ([path] if path.is_file() else sorted(path.iterdir()))
-                sha256, size = content_hash(files)
-            count = len(files)
-        else:
-            sha256, size, count = content
+            names = list(files) if files else ([path] if path.is_file() else sorted(path.iterdir()))
+            content = lambda: (*content_hash(names), len(names))  # noqa: E731 - the job for the thread
+        hashing = in_background(content) if callable(content) else None
+        try:
+            result = self._classify(path, should_stop, timer)
+        except BaseException as error:
+            # The hash's own failure, if any, is raised instead.
+            sha256 = hashing.result()[0] if hashing is not None else content[0]  # type: ignore[index]
+            error.lowmag_sha256 = sha256  # type: ignore[attr-defined]
+            raise
+        with timer.stage("hash"):
+            result.sha256, result.size_bytes, result.files = hashing.result() if hashing is not None else content
+        return result
+
+    def _classify(self, path: Path, should_stop: Callable[[], bool], timer: Timer) -> SlideClassification:
+        config = self.config
         with timer.stage("open"):
             slide = open_slide(path, assume_mpp=config.assume_mpp)
         with slide:
@@ -323,8 +412,14 @@ class SlideClassifier:
                     f"{config.pixel_budget:,}.", "raise --pixel-budget (memory and time grow with it) or use a "
                     "lower-magnification model.")
             stats = self.fingerprint.stats() if self.fingerprint is not None else None
-            pieces = [self._classify_piece(slide, box, size_px, timer, should_stop, stats)
-                      for box, size_px in zip(boxes, sizes)]
+            plan = [(box, tile_regions(box, size_px, config.max_piece_px)) for box, size_px in zip(boxes, sizes)]
+            reads = Prefetched([region for _, regions in plan for region in regions],
+                               lambda region: timed_read(slide, self.target_mpp, region, timer, config.pixel_budget,
+                                                         max_source_pixels=config.decode_budget,
+                                                         should_stop=should_stop))
+            with reads:
+                pieces = [self._classify_piece(slide, box, size_px, regions, reads, timer, should_stop, stats)
+                          for (box, regions), size_px in zip(plan, sizes)]
         with timer.stage("distribution"):
             distribution = self._judge(stats, modality)
         if distribution.out and config.ood == "refuse":
@@ -335,7 +430,7 @@ class SlideClassifier:
         weights = np.array([max(piece.box.tissue_area_um2, 1e-9) for piece in pieces])
         probabilities = (np.stack([p.probabilities for p in pieces]) * weights[:, None]).sum(0) / weights.sum()
         return SlideClassification(
-            path=path, info=info, sha256=sha256, size_bytes=size, files=count, pieces=pieces,
+            path=path, info=info, sha256="", size_bytes=0, files=0, pieces=pieces,
             probabilities=probabilities,
             needs_review=bool(probabilities.max() < config.review_threshold or distribution.out),
             timer=timer, thumbnail=thumbnail, classes=self.classes, distribution=distribution, modality=modality,
@@ -357,16 +452,15 @@ class SlideClassifier:
                 f"({self.bundle.spec.magnification}).", "rescan at a higher magnification or use a student for a "
                 "lower magnification.")
 
-    def _classify_piece(self, slide: Slide, box: TissueBox, size_px: tuple[int, int], timer: Timer,
-                        should_stop: Callable[[], bool], stats: StainStats | None) -> PieceResult:
-        regions = tile_regions(box, size_px, self.config.max_piece_px)
+    def _classify_piece(self, slide: Slide, box: TissueBox, size_px: tuple[int, int], regions: list[Region],
+                        reads: "Prefetched", timer: Timer, should_stop: Callable[[], bool],
+                        stats: StainStats | None) -> PieceResult:
         probabilities, weights, inputs = [], [], []
         emptiest: tuple[float, np.ndarray] | None = None  # the best of the near-blank tiles
-        for region in regions:
+        for _ in regions:
             if should_stop():
                 raise SlideInterrupted(f"{shown(slide.info.path)}: interrupted by a stop")
-            rgb = timed_read(slide, self.target_mpp, region, timer, self.config.pixel_budget,
-                             max_source_pixels=self.config.decode_budget, should_stop=should_stop)
+            rgb = reads.next()
             if stats is not None:
                 with timer.stage("distribution"):
                     stats.add(rgb)  # the pixels just read: no second pass over the slide

@@ -39,7 +39,7 @@ from lowmag.errors import (
 )
 from lowmag.io import TEMP_PREFIX
 from lowmag.names import printable, shown
-from lowmag.runtimes import RuntimeUnavailableError
+from lowmag.runtimes import RuntimeUnavailableError, Session
 
 logger = logging.getLogger("lowmag.edge")
 
@@ -232,13 +232,18 @@ class EdgeRunner:
         self.stop = threading.Event()
         self.gate = OutputGate(self.out)
         self._local = threading.local()
+        self._spare: Session | None = None  # the session check_backend opened, for the first worker
+        self._spare_lock = threading.Lock()
         self.on_outcome: Callable[[Outcome], None] | None = None
 
     def check_backend(self) -> None:
-        """Open (and drop) one session now, so a bundle the runtime cannot load stops the
-        command with its reason instead of failing every slide one by one."""
+        """Open one session now, so a bundle the runtime cannot load stops the command with
+        its reason instead of failing every slide one by one; the first worker thread then
+        uses it (the model is compiled once, not twice)."""
         try:
-            open_session(self.bundle, self.choice, self.options.threads, self.options.rebuild_engine)
+            session = open_session(self.bundle, self.choice, self.options.threads, self.options.rebuild_engine)
+            with self._spare_lock:
+                self._spare = session
         except LowmagError:
             raise
         except Exception as error:  # a runtime's own exception: say which bundle and runtime
@@ -250,7 +255,10 @@ class EdgeRunner:
         """This thread's classifier (sessions are not shared between threads)."""
         classifier = getattr(self._local, "classifier", None)
         if classifier is None:
-            session = open_session(self.bundle, self.choice, self.options.threads, self.options.rebuild_engine)
+            with self._spare_lock:
+                session, self._spare = self._spare, None
+            if session is None:
+                session = open_session(self.bundle, self.choice, self.options.threads, self.options.rebuild_engine)
             classifier = self._local.classifier = SlideClassifier(self.bundle, session, self.config)
         return classifier
 
@@ -276,24 +284,29 @@ class EdgeRunner:
         if not job.describes(unit.signature()):
             return self._changed(job)  # written again after it settled: its new version is queued
         timer = Timer()
-        with timer.stage("hash"):
+        if not job.recheck:  # the usual case: the hash runs beside the classification
+            return self._classified(job, unit, checked, timer, lambda: (
+                *checked_content_hash(checked, self.stop.is_set), len(checked)))
+        with timer.stage("hash"):  # a recheck needs the hash first: unchanged content keeps its result
             sha256, size = checked_content_hash(checked, self.stop.is_set)
-        if job.recheck:
-            if sha256 == job.sha256:
-                if self._writing(lambda: self.ledger.restore(job)):
-                    logger.info("unchanged %s: same content as before (only its inode or ctime changed); it keeps "
-                                "its result", job.shown)
-                    return Outcome(job, "unchanged")
-                return self._stale(job)
-            self._writing(lambda: self.ledger.forget_outcome(job))
-            self._writing(lambda: remove_outputs(self.out, job.relative))  # they describe other content
+        if sha256 == job.sha256:
+            if self._writing(lambda: self.ledger.restore(job)):
+                logger.info("unchanged %s: same content as before (only its inode or ctime changed); it keeps "
+                            "its result", job.shown)
+                return Outcome(job, "unchanged")
+            return self._stale(job)
+        self._writing(lambda: self.ledger.forget_outcome(job))
+        self._writing(lambda: remove_outputs(self.out, job.relative))  # they describe other content
+        return self._classified(job, unit, checked, timer, (sha256, size, len(checked)))
+
+    def _classified(self, job: Job, unit: SlideUnit, checked: list, timer: Timer,
+                    content: tuple[str, int, int] | Callable[[], tuple[str, int, int]]) -> Outcome:
+        """Classify and write a slide whose files were checked (``content``: their hash, or
+        the function that hashes them beside the classification)."""
         real = Path(os.path.realpath(job.path)) if job.kind == "dicom-folder" else checked[0].real
-        try:
-            result = self.classifier().classify(real, should_stop=self.stop.is_set, timer=timer,
-                                                content=(sha256, size, len(checked)))
-        except Exception as error:
-            error.lowmag_sha256 = sha256  # failed rows carry the content they failed on
-            raise
+        # A failure carries the sha256 as lowmag_sha256: failed rows name the content they failed on.
+        result = self.classifier().classify(real, should_stop=self.stop.is_set, timer=timer, content=content)
+        sha256 = result.sha256
         if not same_files(checked) or not job.describes(unit.signature()):
             return self._changed(job)  # replaced, rewritten or swapped for a link while it was read
         if not self.ledger.is_current(job):  # replaced mid-way: the new file's result must win

@@ -93,3 +93,28 @@ def test_openvino_and_onnx_runtime_agree(onnx_bundle, openvino_bundle, slide_fac
     a = classifier(onnx_bundle).classify(path)
     b = classifier(openvino_bundle).classify(path)
     np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-3)  # float sums in another order
+
+
+def test_pieces_are_read_one_ahead_in_order_and_a_read_error_reaches_the_caller():
+    import threading
+
+    from lowmag.edge.pipeline import Prefetched
+
+    threads = set()
+
+    def read(i):
+        threads.add(threading.current_thread().name)
+        if i == 3:
+            raise ValueError("bad piece 3")
+        return np.full((2, 2, 3), i, np.uint8)
+
+    with Prefetched(list(range(6)), read) as reads:
+        assert [int(reads.next()[0, 0, 0]) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(ValueError, match="bad piece 3"):
+            reads.next()
+    assert threads == {"lowmag-read"}  # read beside the caller, not in it
+    # Leaving early (the caller failed) stops the thread instead of hanging on a full queue.
+    with pytest.raises(RuntimeError):
+        with Prefetched(list(range(100)), lambda i: np.zeros((1, 1, 3), np.uint8)) as reads:
+            reads.next()
+            raise RuntimeError("inference failed")

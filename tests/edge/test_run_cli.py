@@ -82,3 +82,31 @@ def test_the_edge_runner_needs_neither_torch_nor_the_export_tools(onnx_bundle, s
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "no torch" in result.stdout and "label=pink" in result.stderr
+
+
+def test_a_run_over_many_slides_compiles_the_model_once(onnx_bundle, slide_factory, tmp_path):
+    """The session edge-classify opens to check the bundle is the one the worker uses (issue
+    15: the model was compiled twice per run), and it serves every slide."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(3):
+        (scans / f"s{i}.tif").hardlink_to(slide_factory(f"once-{i}.tif", seed=i))
+    counted = tmp_path / "opened.txt"
+    script = textwrap.dedent(f"""
+        import sys
+        import lowmag.edge.runner as runner
+        real = runner.open_session
+        def counting(*args, **kwargs):
+            with open({str(counted)!r}, "a") as log:
+                log.write("opened\\n")
+            return real(*args, **kwargs)
+        runner.open_session = counting
+        from lowmag.edge.cli import main
+        sys.argv = ["edge-classify", "run", {str(scans)!r}, "--model", {str(onnx_bundle)!r},
+                    "--out", {str(tmp_path / "out")!r}]
+        main()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert sorted(ledger_states(tmp_path / "out").values()) == ["done"] * 3
+    assert counted.read_text().splitlines() == ["opened"]
