@@ -20,6 +20,7 @@ and FLOP reduction against it. Torch-free, like the rest of the edge runner.
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import statistics
 import tempfile
@@ -36,12 +37,13 @@ from lowmag.edge.backends import (
 from lowmag.edge.batch import units_of
 from lowmag.edge.flops import bundle_gflops, model_gflops
 from lowmag.edge.pipeline import (
-    PipelineConfig, SlideClassifier, Timer, pad_to, tile_regions, timed_read, tissue_fraction,
+    MIN_INPUT_SIDE, PipelineConfig, SlideClassifier, Timer, content_hash, in_background, pad_to, tile_regions,
+    timed_read, tissue_fraction,
 )
 from lowmag.edge.results import write_slide_outputs
 from lowmag.errors import LowmagError
 from lowmag.labeled import Item, scan_image_folder
-from lowmag.reader import output_size
+from lowmag.reader import choose_level, output_size, read_at_mpp, verify_pyramid
 from lowmag.runtimes import RuntimeUnavailableError, logits_of
 from lowmag.slide import open_slide
 from lowmag.tissue import locate_tissue
@@ -61,9 +63,13 @@ class BenchOptions:
     images: Path | None = None
     images_mpp: float | None = None
     center_crop: int | None = None
-    reference: Path | None = None
+    #: Full-resolution bundles, each a conventional reference (e.g. FP32 ONNX and INT8 OpenVINO).
+    references: tuple[Path, ...] = ()
     reference_mpp: float = 0.5
     reference_patch: int = 224
+    #: Measured runs of the reference per slide (None: ``repeats``), without warm-up: on a
+    #: full-size slide one run takes minutes.
+    reference_repeats: int | None = None
     config: PipelineConfig = field(default_factory=PipelineConfig)
 
 
@@ -141,8 +147,7 @@ def time_slides(run: Run, slides: list, warmup: int, repeats: int,
     rows = []
     for unit in slides:
         files = unit.files()
-        for _ in range(warmup):
-            run(unit.path, files)
+        first = [run(unit.path, files)[0]["total"] for _ in range(warmup)]
         outcomes = [run(unit.path, files) for _ in range(repeats)]
         calls = [ms for ms, _ in outcomes]
         progress()
@@ -150,6 +155,9 @@ def time_slides(run: Run, slides: list, warmup: int, repeats: int,
         rows.append({
             "slide": str(unit.path), "relative": unit.relative,
             "median_ms": round(statistics.median(totals), 1), "p90_ms": round(percentile(totals, 0.9), 1),
+            # The first run of a slide: new input shapes make OpenVINO prepare each one, as a
+            # watcher's every new slide does (the repeats find them prepared).
+            "first_ms": first[0] if first else None,
             "stages_ms": {k: round(statistics.median(c[k] for c in calls), 1) for k in calls[0] if k != "total"},
             **outcomes[-1][1],
         })
@@ -159,9 +167,12 @@ def time_slides(run: Run, slides: list, warmup: int, repeats: int,
 def per_slide_summary(per_slide: list[dict[str, Any]]) -> dict[str, Any]:
     """Median latency, slides per hour, mean GFLOPs and median stage times over the slides."""
     if not per_slide:
-        return {"median_ms_per_slide": None, "slides_per_hour": None, "gflops_per_slide": None, "stages_ms": {}}
+        return {"median_ms_per_slide": None, "slides_per_hour": None, "gflops_per_slide": None, "stages_ms": {},
+                "floor_ratio_median": None}
     medians = [row["median_ms"] for row in per_slide]
+    ratios = [row["floor_ratio"] for row in per_slide if row.get("floor_ratio")]
     return {
+        "floor_ratio_median": round(statistics.median(ratios), 2) if ratios else None,
         "median_ms_per_slide": round(statistics.median(medians), 1),
         "slides_per_hour": round(3600_000 / statistics.mean(medians)),
         "gflops_per_slide": significant(statistics.mean(r["gflops"] for r in per_slide)),
@@ -189,6 +200,10 @@ def bench_student(bundle: Bundle, choice: BackendChoice, slides: list, options: 
     with tempfile.TemporaryDirectory(prefix="lowmag-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
         per_slide = time_slides(run, slides, options.warmup, options.repeats, progress)
+    for slide_row, unit in zip(per_slide, slides):
+        floor = floor_ms(bundle, session, unit.path, options)
+        slide_row["floor_ms"] = floor
+        slide_row["floor_ratio"] = round(slide_row["median_ms"] / floor["total"], 2) if floor["total"] else None
     row = {
         "bundle": bundle.directory.name, "path": str(bundle.directory), "target": bundle.target,
         "regime": training_regime(bundle),
@@ -203,6 +218,43 @@ def bench_student(bundle: Bundle, choice: BackendChoice, slides: list, options: 
         row["accuracy"] = labeled_accuracy(bundle, session, options)
     row["peak_rss_mb"] = peak_rss_mb()
     return row
+
+
+def floor_ms(bundle: Bundle, session, path: Path, options: BenchOptions, repeats: int = 3) -> dict[str, float]:
+    """The least a slide can cost this student, measured here: decoding, at the pyramid level
+    the student reads, exactly the pixels of the tissue pieces the pipeline found, plus the
+    model on the very inputs the pipeline gave it (median of ``repeats``; milliseconds).
+    Nothing else: no pyramid check, tissue finding, resampling, outputs or hash."""
+    config = options.config
+    target = float(bundle.spec.target_mpp)
+    with open_slide(path, assume_mpp=config.assume_mpp) as slide:
+        regions = [region for box in locate_tissue(slide, config.tissue)
+                   for region in tile_regions(box, output_size(slide, target, box.region), config.max_piece_px)]
+        verify_pyramid(slide, up_to_mpp=target)
+        level = slide.info.levels[choose_level(slide, target)]
+        windows = [level_window(level, region) for region in regions]
+        inputs = [pad_to(read_at_mpp(slide, target, region), MIN_INPUT_SIDE, slide.info.background)
+                  for region in regions]
+        decode, infer = [], []
+        for _ in range(repeats):
+            tick = time.perf_counter()
+            for x, y, w, h in windows:
+                slide.read_region(level.index, x, y, w, h)
+            decode.append(time.perf_counter() - tick)
+            tick = time.perf_counter()
+            for image in inputs:
+                logits_of(session, [image], batch_size=1)
+            infer.append(time.perf_counter() - tick)
+    ms = {"decode": statistics.median(decode) * 1000, "inference": statistics.median(infer) * 1000}
+    return {k: round(v, 1) for k, v in {**ms, "total": ms["decode"] + ms["inference"]}.items()}
+
+
+def level_window(level, region) -> tuple[int, int, int, int]:
+    """A level-0 region in the pixels of ``level`` (x, y, width, height), as the reader reads it."""
+    x = int(math.floor(region.x / level.downsample))
+    y = int(math.floor(region.y / level.downsample))
+    return (x, y, max(1, int(math.ceil((region.x + region.width) / level.downsample)) - x),
+            max(1, int(math.ceil((region.y + region.height) / level.downsample)) - y))
 
 
 def _default_threads() -> int:
@@ -261,7 +313,11 @@ def bench_reference(bundle: Bundle, choice: BackendChoice, slides: list, options
     gflops_per_patch = model_gflops(str(choice.model), patch, patch)
 
     def run(path: Path, files: Sequence[Path]) -> tuple[dict[str, float], dict[str, Any]]:
+        # Timed like the students, every part in a stage: the hash beside the work (waited
+        # for at the end), choosing the patches that hold tissue under "tissue", padding
+        # the edge patches under "inference".
         timer = Timer()
+        hashing = in_background(lambda: content_hash(files))
         with timer.stage("open"):
             slide = open_slide(path, assume_mpp=options.config.assume_mpp)
         with slide:
@@ -272,14 +328,21 @@ def bench_reference(bundle: Bundle, choice: BackendChoice, slides: list, options
                 size = output_size(slide, mpp, box.region)
                 for region in tile_regions(box, size, patch):
                     rgb = timed_read(slide, mpp, region, timer, exact=True)
-                    if tissue_fraction(rgb, options.config.tissue.min_saturation) < options.config.min_tile_tissue:
+                    with timer.stage("tissue"):
+                        empty = tissue_fraction(rgb, options.config.tissue.min_saturation) < options.config.min_tile_tissue
+                    if empty:
                         continue
                     with timer.stage("inference"):
                         logits_of(session, [pad_to(rgb, patch, WHITE)], batch_size=1)  # as tiling tools pad edges
                     patches += 1
+        with timer.stage("hash"):
+            hashing.result()
         return timer.ms(), {"gflops": significant(patches * gflops_per_patch), "patches": patches}
 
-    per_slide = time_slides(run, slides, options.warmup, options.repeats, progress)
+    if options.reference_repeats is None:
+        per_slide = time_slides(run, slides, options.warmup, options.repeats, progress)
+    else:
+        per_slide = time_slides(run, slides, 0, options.reference_repeats, progress)
     accuracy = labeled_accuracy(bundle, session, options) if options.images is not None else None
     return {
         "accuracy": accuracy,
@@ -329,29 +392,30 @@ def run_bench(models: Sequence[Path], slide_paths: Sequence[Path], options: Benc
                           "with a pixel size in their metadata (the warnings above give each one's reason).")
     bundles = [load_bundle(m) for m in models]
     plan = [(b, c) for b in bundles for c in runnable(b, options.backends)]
-    reference = load_bundle(options.reference) if options.reference else None
-    reference_choice = choose_backend(reference) if reference else None
+    references = [load_bundle(r) for r in options.references]
     if options.images is not None:  # a wrong labeled folder fails now, not after the timings
-        for bundle in bundles + ([reference] if reference else []):
+        for bundle in bundles + references:
             labeled_items(bundle, options)
-    total = len(readable) * (len(plan) + (1 if reference else 0))
+    total = len(readable) * (len(plan) + len(references))
     tick = progress(total) if progress else (lambda: None)
     started = time.time()
-    ref_row = bench_reference(reference, reference_choice, readable, options, tick) if reference else None
+    ref_rows = [bench_reference(r, choose_backend(r), readable, options, tick) for r in references]
     rows = [bench_student(b, c, readable, options, tick) for b, c in plan]
-    if ref_row is not None:
-        for row in rows:
-            row["vs_reference"] = compare(row, ref_row)
+    for row in rows:
+        row["vs_references"] = [compare(row, ref) for ref in ref_rows]
+        if ref_rows:
+            row["vs_reference"] = row["vs_references"][0]
     return {
         "schema": RESULTS_SCHEMA, "machine": machine(), "started_at": started,
         "seconds": round(time.time() - started, 1),
         "options": {"repeats": options.repeats, "warmup": options.warmup, "threads": options.threads,
                     "max_piece_px": options.config.max_piece_px, "images": str(options.images or ""),
                     "images_mpp": options.images_mpp, "center_crop": options.center_crop,
-                    "reference_mpp": options.reference_mpp, "reference_patch": options.reference_patch},
+                    "reference_mpp": options.reference_mpp, "reference_patch": options.reference_patch,
+                    "reference_repeats": options.reference_repeats},
         "slides": [u.relative for u in readable], "skipped_slides": [str(u.path) for u in slides
                                                                      if u not in readable],
-        "students": rows, "reference": ref_row,
+        "students": rows, "reference": ref_rows[0] if ref_rows else None, "references": ref_rows,
     }
 
 
@@ -363,6 +427,7 @@ def compare(row: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
         if mine["gflops"] > 0:
             reductions.append(theirs["gflops"] / mine["gflops"])
     return {
+        "reference": reference["bundle"], "precision": reference["precision"], "backend": reference["backend"],
         "speedup_median": round(statistics.median(speedups), 2),
         "flop_reduction_median": round(statistics.median(reductions), 1) if reductions else None,
         "per_slide": [{"slide": m["relative"], "speedup": round(s, 2)} for m, s in zip(row["slides"], speedups)],

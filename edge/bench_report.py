@@ -48,12 +48,14 @@ def markdown(results: dict[str, Any]) -> str:
          else ""),
         f"Each slide: {opts['warmup']} warm-up run(s), then {opts['repeats']} measured runs of the whole per-slide "
         "pipeline. Latency is the median over slides of each slide's median (p90: of each slide's 90th "
-        "percentile); slides/hour is 3600 s over the mean per-slide median.", "",
+        "percentile); slides/hour is 3600 s over the mean per-slide median."
+        + (f" The reference: {opts['reference_repeats']} measured run(s) per slide, no warm-up."
+           if opts.get("reference_repeats") else ""), "",
         "## Students", "",
         "![Macro F1 against GFLOPs per slide](plots/f1_vs_gflops.svg)", "",
         "| bundle | magnification | training | precision | backend | MB | GFLOPs/slide | macro F1 (95% CI) | median ms | "
-        "p90 ms | slides/h | peak RSS MB | threads | speed-up vs reference | FLOP reduction |",
-        "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "p90 ms | slides/h | peak RSS MB | threads | x floor | speed-up vs reference | FLOP reduction |",
+        "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["students"]:
         vs = r.get("vs_reference") or {}
@@ -61,8 +63,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['bundle']} | {r['magnification']} | {r.get('regime', 'unknown')} | {r['target']} {r['precision']} | {r['backend']}/{r['device']} "
             f"| {r['bundle_bytes'] / 1e6:.3g} | {_num(r['gflops_per_slide'], '.3g')} | {_f1(r)} | {_num(r['median_ms_per_slide'])} "
             f"| {_num(r['p90_ms_per_slide'])} | {_num(r['slides_per_hour'])} | {_num(r['peak_rss_mb'])} "
-            f"| {r['threads']} | {_times(vs.get('speedup_median'), '.2f')} | {_times(vs.get('flop_reduction_median'), '.1f')} |"
+            f"| {r['threads']} | {_times(r.get('floor_ratio_median'), '.2f')} | {_speedups(r)} "
+            f"| {_times(vs.get('flop_reduction_median'), '.1f')} |"
         )
+    lines += floor_section(results)
     lines += ["", "![Median latency per slide](plots/latency.svg)", "",
               "## Time per stage (median ms per slide)", "",
               "![Where the time goes](plots/stages.svg)", "",
@@ -71,23 +75,54 @@ def markdown(results: dict[str, Any]) -> str:
     for r in results["students"]:
         lines.append(f"| {r['bundle']} | {r['backend']}/{r['device']} | "
                      + " | ".join(_num(r["stages_ms"].get(s), ".0f") for s in STAGES) + " |")
-    ref = results.get("reference")
+    refs = results.get("references") or ([results["reference"]] if results.get("reference") else [])
     lines += ["", "## The conventional reference", ""]
-    if ref is None:
+    if not refs:
         lines.append("Not measured: pass --reference BUNDLE (a full-resolution model) to compare against it.")
-    else:
+    for ref in refs:
         lines += [
             f"{ref['bundle']} ({ref['precision']}, {ref['backend']}/{ref['device']}): the tissue tiled into "
             f"{ref['patch_px']} px patches at {ref['mpp']} µm/px read from level 0, every patch with tissue run "
             f"through the full-resolution model ({ref['gflops_per_patch']} GFLOPs per patch).", "",
-            "| slide | patches | GFLOPs | median ms | p90 ms |", "|---|---:|---:|---:|---:|",
+            "| slide | patches | GFLOPs | median ms | p90 ms | " + " | ".join(STAGES) + " |",
+            "|---|---:|---:|---:|---:|" + "---:|" * len(STAGES),
         ]
         for s in ref["slides"]:
             lines.append(f"| {s['relative']} | {s['patches']} | {s['gflops']} | {s['median_ms']:.0f} | "
-                         f"{s['p90_ms']:.0f} |")
+                         f"{s['p90_ms']:.0f} | " + " | ".join(_num(s["stages_ms"].get(k)) for k in STAGES) + " |")
         lines += ["", f"Median {ref['median_ms_per_slide']:.0f} ms per slide, {ref['slides_per_hour']} slides/hour, "
-                      f"peak RSS {ref['peak_rss_mb']:.0f} MB; macro F1 (95% CI) on the labeled images: {_f1(ref)}."]
+                      f"peak RSS {ref['peak_rss_mb']:.0f} MB; macro F1 (95% CI) on the labeled images: {_f1(ref)}.", ""]
     return "\n".join(lines) + "\n"
+
+
+def _speedups(row: dict[str, Any]) -> str:
+    """The median speed-up against each reference, with the reference's precision and runtime."""
+    versus = row.get("vs_references") or ([row["vs_reference"]] if row.get("vs_reference") else [])
+    if not versus:
+        return "–"
+    if len(versus) == 1:
+        return _times(versus[0]["speedup_median"], ".2f")
+    return ", ".join(f"{_times(v['speedup_median'], '.1f')} ({v.get('precision', '?')} {v.get('backend', '?')})"
+                     for v in versus)
+
+
+def floor_section(results: dict[str, Any]) -> list[str]:
+    """Per student and slide: the product's time against the floor measured in the same run."""
+    lines = ["", "## Against the floor", "",
+             "The floor is what a slide cannot cost less than with this student: decoding, at the pyramid level "
+             "it reads, exactly the pixels of the tissue pieces the pipeline found, plus the model on the very "
+             "inputs the pipeline gave it (median of 3). x floor = median ms / floor ms. First run: the "
+             "slide's first (warm-up) run, new input shapes included, as a watcher meets every new slide.", "",
+             "| bundle | backend | slide | median ms | first run ms | floor ms (decode + inference) | x floor |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in results["students"]:
+        for s in r["slides"]:
+            floor = s.get("floor_ms") or {}
+            lines.append(
+                f"| {r['bundle']} | {r['backend']}/{r['device']} | {s['relative']} | {s['median_ms']:.0f} "
+                f"| {_num(s.get('first_ms'))} | {_num(floor.get('total'))} ({_num(floor.get('decode'))} + "
+                f"{_num(floor.get('inference'))}) | {_times(s.get('floor_ratio'), '.2f')} |")
+    return lines
 
 
 def run_label(row: dict[str, Any]) -> str:

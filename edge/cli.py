@@ -210,7 +210,7 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
         logger.info("stopped after %.0f s; %s", time.time() - started, ledger.counts())
 
 
-@main.command("bench", cls=ManyValuesCommand, many=("--models", "--slides"))
+@main.command("bench", cls=ManyValuesCommand, many=("--models", "--slides", "--reference"))
 @click.option("--models", "models", multiple=True, required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Bundle folders to compare (repeat the option, or give several after one --models).")
@@ -223,9 +223,14 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
               help="µm/px of the --images.")
 @click.option("--center-crop", type=click.IntRange(min=1), default=None,
               help="Centre-crop labeled images to this many pixels (at their own resolution) first.")
-@click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Full-resolution model bundle for the conventional reference (224 px patches at 20x).")
+@click.option("--reference", "references", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Full-resolution model bundle(s) for the conventional reference (224 px patches at 20x); give "
+                   "several to compare against each, e.g. an FP32 ONNX and the INT8 OpenVINO bundle a lab would "
+                   "deploy at 20x.")
 @click.option("--reference-mpp", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True)
+@click.option("--reference-repeats", type=click.IntRange(min=1), default=None,
+              help="Measured runs of the reference per slide, no warm-up (default: --repeats after --warmup); "
+                   "one run of a full-size slide takes minutes.")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "openvino", "tensorrt"]),
               help="Only these runtimes (default: every runtime that can run each bundle here).")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
@@ -237,7 +242,8 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
 @click.pass_context
 @handle_errors
 def bench_command(ctx: click.Context, models: tuple[Path, ...], slides: tuple[Path, ...], images: Path | None,
-                  images_mpp: float | None, center_crop: int | None, reference: Path | None, reference_mpp: float,
+                  images_mpp: float | None, center_crop: int | None, references: tuple[Path, ...], reference_mpp: float,
+                  reference_repeats: int | None,
                   backends: tuple[str, ...], repeats: int, warmup: int, threads: int | None, max_piece_px: int,
                   out: Path) -> None:
     """What each student costs and how well it classifies on this machine, next to the
@@ -250,8 +256,9 @@ def bench_command(ctx: click.Context, models: tuple[Path, ...], slides: tuple[Pa
     if images is not None and images_mpp is None:
         raise click.UsageError("--images needs --mpp (the µm/px of the labeled images).")
     options = BenchOptions(repeats=repeats, warmup=warmup, threads=threads, backends=backends, images=images,
-                           images_mpp=images_mpp, center_crop=center_crop, reference=reference,
-                           reference_mpp=reference_mpp, config=PipelineConfig(max_piece_px=max_piece_px))
+                           images_mpp=images_mpp, center_crop=center_crop, references=references,
+                           reference_mpp=reference_mpp, reference_repeats=reference_repeats,
+                           config=PipelineConfig(max_piece_px=max_piece_px))
     with contextlib.ExitStack() as bars:
         def progress(total: int) -> Callable[[], None]:
             bar = bars.enter_context(click.progressbar(length=total, label="benchmarking (slide x runtime)",
@@ -262,6 +269,24 @@ def bench_command(ctx: click.Context, models: tuple[Path, ...], slides: tuple[Pa
     results["command"] = "edge-classify " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
     for path in write_report(results, out):
         click.echo(f"wrote {path}")
+
+
+@main.command("bench-slides")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tissue", "tissue", required=True, type=click.Path(exists=True, path_type=Path),
+              help="A real slide (with its µm/px) whose tissue is laid out on the generated slides.")
+@click.option("--tiles", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Labeled tiles with a tiles.csv naming each tile's source crop, row and column (Kather "
+                   "2016): their source crops become more pieces.")
+@click.option("--tiles-mpp", type=click.FloatRange(min=0, min_open=True), default=0.495, show_default=True)
+@handle_errors
+def bench_slides_command(out: Path, tissue: Path, tiles: Path | None, tiles_mpp: float) -> None:
+    """Write full-size slides (20 x 15 mm and 30 x 22.5 mm, tiled JPEG pyramids) of real tissue
+    into OUT, for `edge-classify bench --slides OUT` (about a minute; kept when already there)."""
+    from lowmag.fullsize import bench_slides
+
+    for path in bench_slides(out, tissue, tiles, tiles_mpp):
+        click.echo(f"{path} ({path.stat().st_size / 1e6:.0f} MB)")
 
 
 @main.command("status")

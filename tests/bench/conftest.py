@@ -1,5 +1,8 @@
-"""Slides for the micro-benchmarks: the real CMU-1 region when present, and a synthetic
-4096x3072 pyramidal TIFF at 0.5 µm/px so ``make bench`` measures something anywhere."""
+"""Slides for the micro-benchmarks: the real CMU-1 region when present, a synthetic
+4096x3072 pyramidal TIFF at 0.5 µm/px so ``make bench`` measures something anywhere, and
+full-size slides (20 x 15 mm, 30 x 22.5 mm) of real tissue (``lowmag.fullsize``), made once
+into .bench/slides from the CMU-1 region (../shared/data or the demo's copy) and the Kather
+tiles when present: the fixed costs only show at the size labs scan."""
 
 from __future__ import annotations
 
@@ -17,7 +20,11 @@ SLIDES = {
     "cmu1-svs": "aperio/CMU-1-Small-Region.svs",
     "cmu1-pyramid-tif": "generic-tiff/CMU-1-Small-Region-pyramid.tif",
     "synthetic-4096x3072": None,
+    "fullsize-20x15mm": "fullsize",
+    "fullsize-30x22mm": "fullsize",
 }
+ROOT = Path(__file__).resolve().parents[2]
+FULLSIZE_DIR = ROOT / ".bench" / "slides"
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +39,24 @@ def bench_slide_path(request: pytest.FixtureRequest, name: str) -> Path:
     relative = SLIDES[name]
     if relative is None:
         return request.getfixturevalue("large_synthetic_slide")
+    if relative == "fullsize":
+        return request.getfixturevalue("fullsize_slides")[name]
     path = request.getfixturevalue("slides_dir") / relative
     if not path.exists():
         pytest.skip(f"{path} not found")
     return path
+
+
+@pytest.fixture(scope="session")
+def fullsize_slides() -> dict[str, Path]:
+    """The full-size slides by benchmark name (made on first use, about a minute)."""
+    from lowmag.fullsize import bench_slides
+
+    shared = ROOT.parent / "shared" / "data"
+    sources = [shared / "slides" / "aperio" / "CMU-1-Small-Region.svs", ROOT / ".demo" / "CMU-1-Small-Region.svs"]
+    tissue = next((p for p in sources if p.exists()), None)
+    if tissue is None:
+        pytest.skip("no real slide to build full-size slides from (run make demo, or put ../shared/data beside)")
+    tiles = shared / "kather2016"
+    paths = bench_slides(FULLSIZE_DIR, tissue, tiles if (tiles / "tiles.csv").exists() else None)
+    return {p.stem: p for p in paths}

@@ -52,9 +52,10 @@ def test_read_at_mpp(benchmark, verified_slides, name: str, path: str, mpp: floa
     assert pixels.shape[:2] == output_size(slide, mpp)[::-1]
 
 
-@pytest.mark.parametrize("name", PYRAMIDAL)
+@pytest.mark.parametrize("name", PYRAMIDAL + ("fullsize-20x15mm", "fullsize-30x22mm"))
 def test_verify_pyramid(benchmark, request: pytest.FixtureRequest, name: str) -> None:
-    """The once-per-slide check: every coarse level compared with a finer one on three windows."""
+    """The once-per-slide check, all of it: every coarse level compared with a finer one on
+    three windows (a read checks only the levels it may use: test_bench_tissue)."""
     path = bench_slide_path(request, name)
     benchmark.group = "pyramid check (once per opened slide)"
     benchmark.extra_info.update(slide=name)

@@ -40,7 +40,8 @@ def test_bench_reports_every_student_on_every_runtime_against_the_reference(
     out = tmp_path / "report"
     # several bundles after one --models, as a shell glob gives them (issue 15)
     result = edge("bench", "--models", str(onnx_bundle), str(openvino_bundle), "--slides", str(slides),
-                  "--images", str(images), "--mpp", "0.5", "--reference", str(reference), "--repeats", "2",
+                  "--images", str(images), "--mpp", "0.5", "--reference", str(reference), str(openvino_bundle),
+                  "--repeats", "2",
                   "--threads", "1", "--out", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "not benchmarked" in result.stderr and "no-mpp.tif" in result.stderr
@@ -59,13 +60,26 @@ def test_bench_reports_every_student_on_every_runtime_against_the_reference(
         assert row["accuracy"]["images"] == 12 and row["accuracy"]["macro_f1"]["value"] == 1.0
         vs = row["vs_reference"]
         assert vs["speedup_median"] > 0 and vs["flop_reduction_median"] > 1
+        # against each reference: the FP32 ONNX one and an OpenVINO one (issue 15)
+        assert [v["backend"] for v in row["vs_references"]] == ["onnxruntime", "openvino"]
+        for slide in row["slides"]:  # the floor, measured in the same run
+            floor = slide["floor_ms"]
+            assert floor["inference"] > 0 and floor["decode"] >= 0
+            assert floor["total"] == pytest.approx(floor["decode"] + floor["inference"], abs=0.15)
+            assert slide["floor_ratio"] == pytest.approx(slide["median_ms"] / floor["total"], rel=0.01)
+            assert slide["first_ms"] > 0
+        assert row["floor_ratio_median"] > 0
     ref = results["reference"]
     assert all(s["patches"] > 0 for s in ref["slides"]) and ref["gflops_per_slide"] > 0
+    assert [r["backend"] for r in results["references"]] == ["onnxruntime", "openvino"]
+    for slide in ref["slides"]:  # every part of the reference's time is in a stage, the hash included
+        stages = slide["stages_ms"]
+        assert stages["hash"] >= 0 and stages["tissue"] > 0 and stages["inference"] > 0
 
     report = (out / "report.md").read_text()
     student_rows = [line for line in report.splitlines() if line.startswith("| onnx |") or
                     line.startswith("| openvino |")]
-    assert len(student_rows) == 3 + 3  # the students table and the stage table
+    assert len(student_rows) == 3 + 3 * 2 + 3  # the students, the floor per slide and the stage tables
     assert not [line for line in student_rows if "–" in cells(line)]  # every column filled
     assert "The conventional reference" in report and "level 0" in report
     assert ref["accuracy"]["images"] == 12
@@ -77,7 +91,8 @@ def test_bench_reports_every_student_on_every_runtime_against_the_reference(
         svg = (out / "plots" / f"{name}.svg").read_text()
         assert ElementTree.fromstring(svg).tag.endswith("svg")  # well-formed: opens on its own in a browser
         assert f"plots/{name}.svg" in report
-    assert report_html_is_self_contained(out / "report.html", tables=3, figures=3)
+    # students, floor, stages, and one table per reference
+    assert report_html_is_self_contained(out / "report.html", tables=5, figures=3)
     f1_plot = (out / "plots" / "f1_vs_gflops.svg").read_text()
     assert f1_plot.count("<circle") >= 2 + 1 and "<polygon" in f1_plot  # 2 bundles + legend; reference star
 
@@ -95,7 +110,7 @@ def test_the_html_report_renders_in_chromium(onnx_bundle, slide_factory, tmp_pat
                   "--mpp", "0.5", "--repeats", "1", "--warmup", "0", "--out", str(out))
     assert result.returncode == 0, result.stderr
     dom = render(out / "report.html", tmp_path / "shot.png")
-    assert dom.count("<table") == 2 and dom.count("<svg") == 3  # students, stages; three plots
+    assert dom.count("<table") == 3 and dom.count("<svg") == 3  # students, floor, stages; three plots
     assert "onnxruntime/cpu" in dom and "Macro F1 against GFLOPs" in dom
     shot = pyvips.Image.new_from_file(str(tmp_path / "shot.png"))
     # Something was drawn: the page is not one flat colour.
