@@ -14,8 +14,9 @@ Where the pieces come from:
   from the tiles' µm/px to the slide's (always coarser: 0.495 -> 0.499, never upsampled).
 
 How a generated slide differs from a real one: every piece is a rotated, flipped or cropped
-copy of the same few real pieces (their texture repeats), its outline is an ellipse with a
-wavy rim rather than a cut edge, the glass is uniform with faint noise (no dust, pen marks,
+copy of the same few real pieces, or where a piece is larger than any of them a mosaic of
+such crops with straight seams (their texture repeats), its outline is an ellipse with a
+wavy rim rather than a cut edge, its tissue covers about a fifth of the glass, the glass is uniform with faint noise (no dust, pen marks,
 bubbles or label), and the pyramid is libvips' (levels halving, JPEG Q90, 256 px tiles)
 rather than a scanner's. What a bench measures on it (decoding, tissue finding, reading
 the pieces, inference) depends on the pixel counts and the tissue's layout, which match.
@@ -127,11 +128,39 @@ def shaped_piece(piece: np.ndarray, rng: np.random.Generator, cell: tuple[int, i
     return np.where(inside[..., None], out, background)
 
 
+def tissue_mosaic(pieces: Sequence[np.ndarray], rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A ``height`` x ``width`` block of real tissue packed from crops of ``pieces`` (rows of
+    crops, each rotated or flipped at random), for tissue pieces larger than any one source.
+    Only crops: nothing is resized."""
+    out = glass(height, width, rng)
+    y = 0
+    while y < height:
+        row = min(height - y, int(rng.integers(600, 1600)))
+        x = 0
+        while x < width:
+            source = np.rot90(pieces[int(rng.integers(0, len(pieces)))], int(rng.integers(0, 4)))
+            if rng.random() < 0.5:
+                source = source[::-1]
+            h = min(row, source.shape[0])
+            w = min(width - x, source.shape[1], int(rng.integers(600, 2400)))
+            y0 = int(rng.integers(0, source.shape[0] - h + 1))
+            x0 = int(rng.integers(0, source.shape[1] - w + 1))
+            out[y:y + h, x:x + w] = source[y0:y0 + h, x0:x0 + w]
+            x += w
+        y += row
+    return out
+
+
 def write_full_size_slide(target: str | Path, pieces: Sequence[np.ndarray], mpp: float, width: int, height: int,
-                          count: int, seed: int = 0, quality: int = 90, tile: int = 256) -> FullSizeLayout:
+                          count: int, seed: int = 0, quality: int = 90, tile: int = 256,
+                          fill: tuple[float, float] = (0.5, 0.9)) -> FullSizeLayout:
     """A ``width`` x ``height`` slide at ``mpp`` with ``count`` pieces of the given real tissue
-    (cycled, each shaped by ``shaped_piece``) spread over a grid, written as a tiled JPEG
-    pyramid (BigTIFF) with resolution tags. Returns where the pieces are."""
+    spread over a grid, written as a tiled JPEG pyramid (BigTIFF) with resolution tags.
+    Each piece spans ``fill`` (a random share, per side) of its grid cell: a mosaic of the
+    sources (``tissue_mosaic``) where one source is too small, shaped by ``shaped_piece``.
+    Returns where the pieces are."""
+    import tempfile
+
     import pyvips
 
     if not pieces:
@@ -144,22 +173,29 @@ def write_full_size_slide(target: str | Path, pieces: Sequence[np.ndarray], mpp:
     canvas = pyvips.Image.new_from_array(noise, interpretation="srgb").replicate(
         math.ceil(width / 512), math.ceil(height / 512)).crop(0, 0, width, height)
     placed = []
-    margin = 0.1
-    for i in range(count):
-        r, c = divmod(i, columns)
-        room = (int(cell_h * (1 - 2 * margin)), int(cell_w * (1 - 2 * margin)))
-        piece = shaped_piece(pieces[i % len(pieces)], rng, room)
-        ph, pw = piece.shape[:2]
-        x = c * cell_w + int(cell_w * margin) + int(rng.integers(0, room[1] - pw + 1))
-        y = r * cell_h + int(cell_h * margin) + int(rng.integers(0, room[0] - ph + 1))
-        canvas = canvas.insert(pyvips.Image.new_from_array(piece, interpretation="srgb"), x, y)
-        placed.append((x, y, pw, ph))
-    px_per_mm = 1000.0 / mpp
+    margin = 0.05
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
-    canvas.tiffsave(str(partial), tile=True, tile_width=tile, tile_height=tile, pyramid=True, compression="jpeg",
-                    Q=quality, bigtiff=True, xres=px_per_mm, yres=px_per_mm, resunit="cm")
+    with tempfile.TemporaryDirectory(prefix="lowmag-fullsize-", dir=target.parent) as scratch:
+        for i in range(count):
+            r, c = divmod(i, columns)
+            room = (int(cell_h * (1 - 2 * margin)), int(cell_w * (1 - 2 * margin)))
+            size = (int(room[0] * rng.uniform(*fill)), int(room[1] * rng.uniform(*fill)))
+            source = pieces[i % len(pieces)]
+            if source.shape[0] < size[0] or source.shape[1] < size[1]:
+                source = tissue_mosaic(pieces, rng, *size)
+            piece = shaped_piece(source, rng, room)
+            ph, pw = piece.shape[:2]
+            x = c * cell_w + int(cell_w * margin) + int(rng.integers(0, room[1] - pw + 1))
+            y = r * cell_h + int(cell_h * margin) + int(rng.integers(0, room[0] - ph + 1))
+            stored = Path(scratch) / f"piece-{i}.v"  # on disk, so memory holds one piece at a time
+            pyvips.Image.new_from_array(piece, interpretation="srgb").write_to_file(str(stored))
+            canvas = canvas.insert(pyvips.Image.new_from_file(str(stored)), x, y)
+            placed.append((x, y, pw, ph))
+        px_per_mm = 1000.0 / mpp
+        partial = target.with_name(target.name + ".part")
+        canvas.tiffsave(str(partial), tile=True, tile_width=tile, tile_height=tile, pyramid=True,
+                        compression="jpeg", Q=quality, bigtiff=True, xres=px_per_mm, yres=px_per_mm, resunit="cm")
     partial.replace(target)  # a slide interrupted half-way is never left under its name
     return FullSizeLayout(width, height, mpp, tuple(placed))
 
@@ -181,7 +217,7 @@ def bench_slides(folder: str | Path, tissue_slide: str | Path, tiles: str | Path
 
     folder = Path(folder)
     recipe = {"tissue_slide": Path(tissue_slide).name, "tiles": Path(tiles).name if tiles else None,
-              "tiles_mpp": tiles_mpp, "slides": {k: list(v) for k, v in BENCH_SLIDES.items()}, "version": 1}
+              "tiles_mpp": tiles_mpp, "slides": {k: list(v) for k, v in BENCH_SLIDES.items()}, "version": 2}
     stamp = folder / "recipe.json"
     paths = [folder / name for name in BENCH_SLIDES]
     if stamp.exists() and json.loads(stamp.read_text()) == recipe and all(p.exists() for p in paths):
