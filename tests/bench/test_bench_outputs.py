@@ -36,4 +36,4 @@ def test_write_outputs(benchmark, request: pytest.FixtureRequest, tmp_path, name
     benchmark.extra_info.update(slide=name, pieces=len(pieces))
     document = benchmark(write_slide_outputs, tmp_path / "out", name, result, bundle, choose_backend(bundle),
                          None, 0.6)
-    assert len(document["pieces"]) == len(pieces)
+    assert len(document["tissue"]) == len(pieces)
