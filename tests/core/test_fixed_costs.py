@@ -161,3 +161,24 @@ def test_real_slides_keep_the_boxes_they_had_before_issue_15(slides_dir):
         assert len(boxes) == len(entry["boxes"]), name
         for got, want in zip(boxes, entry["boxes"]):
             assert np.abs(np.subtract(got, want[:4])).max() <= 4, (name, got, want)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 7, 16, 17, 40])
+def test_box_averaging_equals_the_float_mean_for_every_sum(k):
+    """Every possible sum of a k x k square (0 to 255 k²) once, plus random squares."""
+    from lowmag.reader import box_mean
+
+    n = k * k
+    sums = np.arange(0, 255 * n + 1, max(1, (255 * n) // 4000))
+    cells = np.zeros((len(sums), n), np.int64)
+    for i in range(n):  # spread each sum over the square's pixels, each at most 255
+        cells[:, i] = np.clip(sums - 255 * i, 0, 255)
+    rng = np.random.default_rng(k)
+    cells = np.concatenate([cells, rng.integers(0, 256, (500, n))])
+    side = int(np.ceil(np.sqrt(len(cells))))
+    cells = np.concatenate([cells, np.zeros((side * side - len(cells), n), np.int64)])
+    squares = cells.reshape(side, side, k, k).transpose(0, 2, 1, 3).reshape(side * k, side * k)
+    pixels = np.repeat(squares[..., None], 3, axis=2).astype(np.uint8)
+    pixels[..., 1] = 255 - pixels[..., 1]
+    plain = pixels.reshape(side, k, side, k, 3).mean(axis=(1, 3), dtype=np.float32)
+    assert np.array_equal(box_mean(pixels, k), np.clip(np.rint(plain), 0, 255).astype(np.uint8))
