@@ -258,20 +258,17 @@ def find_tissue(slide: Slide, params: TissueParams = TissueParams(),
     labels = labels.reshape(mask.shape)
     ys, xs = np.nonzero(mask)
     ids = labels[ys, xs]
-    unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    n = len(unique)
-    x_min = np.full(n, np.iinfo(np.int64).max)
-    y_min = np.full(n, np.iinfo(np.int64).max)
-    x_max = np.full(n, -1)
-    y_max = np.full(n, -1)
-    np.minimum.at(x_min, inverse, xs)
-    np.minimum.at(y_min, inverse, ys)
-    np.maximum.at(x_max, inverse, xs)
-    np.maximum.at(y_max, inverse, ys)
-    gradient = _gradient(rgb)[ys, xs]
-    # Each piece's pixels' gradients, grouped by piece in one sort (not one scan per piece).
-    order = np.argsort(inverse, kind="stable")
-    per_piece = np.split(gradient[order], np.cumsum(counts)[:-1])
+    # One sort groups the mask's pixels by piece: counts, bounding boxes and each piece's
+    # gradients (for its median) come from the sorted runs.
+    order = np.argsort(ids, kind="stable")
+    grouped = ids[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    counts = np.diff(np.r_[starts, len(grouped)])
+    n = len(starts)
+    xs, ys = xs[order], ys[order]
+    x_min, x_max = np.minimum.reduceat(xs, starts), np.maximum.reduceat(xs, starts)
+    y_min, y_max = np.minimum.reduceat(ys, starts), np.maximum.reduceat(ys, starts)
+    per_piece = np.split(_gradient(rgb)[ys, xs], starts[1:])
 
     # Scale from analysis pixels to level-0 pixels, per axis.
     sx = info.width / rgb.shape[1]
