@@ -48,7 +48,9 @@ def markdown(results: dict[str, Any]) -> str:
          else ""),
         f"Each slide: {opts['warmup']} warm-up run(s), then {opts['repeats']} measured runs of the whole per-slide "
         "pipeline. Latency is the median over slides of each slide's median (p90: of each slide's 90th "
-        "percentile); slides/hour is 3600 s over the mean per-slide median."
+        "percentile); slides/hour is 3600 s over the mean per-slide median. Peak RSS is the bench process's "
+        "while that row ran, with every runtime and model loaded before it still in memory: one "
+        "edge-classify run of the same slides uses less."
         + (f" The reference: {opts['reference_repeats']} measured run(s) per slide, no warm-up."
            if opts.get("reference_repeats") else ""), "",
         "## Students", "",
