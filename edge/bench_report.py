@@ -114,16 +114,20 @@ def floor_section(results: dict[str, Any]) -> list[str]:
              "The floor is what a slide cannot cost less than with this student: decoding, at the pyramid level "
              "it reads, exactly the pixels of the tissue pieces the pipeline found, plus the model on the very "
              "inputs the pipeline gave it (median of 3). x floor = median ms / floor ms. First run: the "
-             "slide's first (warm-up) run, new input shapes included, as a watcher meets every new slide.", "",
-             "| bundle | backend | slide | median ms | first run ms | floor ms (decode + inference) | x floor |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "slide's first (warm-up) run, new input shapes included, as a watcher meets every new slide. "
+             "The stages are this slide's medians; read and resample run beside inference (the next piece "
+             "is read while one is inferred) and the hash beside everything, so they overlap in time.", "",
+             "| bundle | backend | slide | median ms | first run ms | floor ms (decode + inference) | x floor | "
+             + " | ".join(f"{stage} ms" for stage in STAGES) + " |",
+             "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(STAGES)]
     for r in results["students"]:
         for s in r["slides"]:
             floor = s.get("floor_ms") or {}
             lines.append(
                 f"| {r['bundle']} | {r['backend']}/{r['device']} | {s['relative']} | {s['median_ms']:.0f} "
                 f"| {_num(s.get('first_ms'))} | {_num(floor.get('total'))} ({_num(floor.get('decode'))} + "
-                f"{_num(floor.get('inference'))}) | {_times(s.get('floor_ratio'), '.2f')} |")
+                f"{_num(floor.get('inference'))}) | {_times(s.get('floor_ratio'), '.2f')} | "
+                + " | ".join(_num(s["stages_ms"].get(stage)) for stage in STAGES) + " |")
     return lines
 
 
