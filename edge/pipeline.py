@@ -234,17 +234,20 @@ def in_background(job: Callable[[], T]) -> "Future[T]":
 
 
 class Prefetched:
-    """``read(item)`` for each item in order, one item ahead in a thread: the next piece is
-    decoded and resampled while the current one is inferred (the runtimes release the GIL,
-    so both cores work). At most one read result waits; the pixels and their order are those
-    of reading in turn. Use as a context manager: leaving it stops the thread."""
+    """``read(item, cancelled)`` for each item in order, one item ahead in a thread: the next
+    piece is decoded and resampled while the current one is inferred (the runtimes release
+    the GIL, so both cores work). The thread starts the next read only when the caller has
+    taken the previous result, so at most one result waits; the pixels and their order are
+    those of reading in turn. Use as a context manager: leaving it cancels (``cancelled()``
+    turns true, for the read to stop between blocks) and waits for the thread."""
 
-    def __init__(self, items: Sequence[Region], read: Callable[[Region], np.ndarray]) -> None:
+    def __init__(self, items: Sequence[Region], read: Callable[[Region, Callable[[], bool]], np.ndarray]) -> None:
         import queue
 
         self._items = list(items)
         self._read = read
-        self._queue: "queue.Queue[tuple[bool, object]]" = queue.Queue(maxsize=1)
+        self._results: "queue.SimpleQueue[tuple[bool, object]]" = queue.SimpleQueue()
+        self._room = threading.Semaphore(1)  # reads allowed ahead of what the caller has taken
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._work, name="lowmag-read", daemon=True)
 
@@ -253,38 +256,27 @@ class Prefetched:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import queue
-
         self._cancel.set()
-        while self._thread.is_alive():  # unblock a put waiting for room, then let it see the cancel
-            try:
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
+        self._room.release()  # wakes the thread if it waits for room
         self._thread.join()
 
     def next(self) -> np.ndarray:
-        ok, value = self._queue.get()
+        ok, value = self._results.get()
+        self._room.release()
         if not ok:
             raise value  # type: ignore[misc]  # the read's own error, in the caller's thread
         return value  # type: ignore[return-value]
 
     def _work(self) -> None:
-        import queue
-
         for item in self._items:
+            self._room.acquire()
             if self._cancel.is_set():
                 return
             try:
-                outcome: tuple[bool, object] = (True, self._read(item))
+                outcome: tuple[bool, object] = (True, self._read(item, self._cancel.is_set))
             except BaseException as error:  # handed to the caller, which raises it
                 outcome = (False, error)
-            while not self._cancel.is_set():
-                try:
-                    self._queue.put(outcome, timeout=0.05)
-                    break
-                except queue.Full:
-                    continue
+            self._results.put(outcome)
             if not outcome[0]:
                 return
 
@@ -414,9 +406,10 @@ class SlideClassifier:
             stats = self.fingerprint.stats() if self.fingerprint is not None else None
             plan = [(box, tile_regions(box, size_px, config.max_piece_px)) for box, size_px in zip(boxes, sizes)]
             reads = Prefetched([region for _, regions in plan for region in regions],
-                               lambda region: timed_read(slide, self.target_mpp, region, timer, config.pixel_budget,
-                                                         max_source_pixels=config.decode_budget,
-                                                         should_stop=should_stop))
+                               lambda region, cancelled: timed_read(
+                                   slide, self.target_mpp, region, timer, config.pixel_budget,
+                                   max_source_pixels=config.decode_budget,
+                                   should_stop=lambda: should_stop() or cancelled()))
             with reads:
                 pieces = [self._classify_piece(slide, box, size_px, regions, reads, timer, should_stop, stats)
                           for (box, regions), size_px in zip(plan, sizes)]

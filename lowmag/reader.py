@@ -250,6 +250,8 @@ def verify_pyramid(slide: Slide, budget: _Budget | None = None, up_to_mpp: float
     info = slide.info
     checked = getattr(slide, "pyramid_checked_through", 0)
     reference = info.levels[getattr(slide, "pyramid_reference", 0)]
+    if reference.index in slide.unreadable_levels:  # a read failed on it since: compare with a usable one
+        reference = info.levels[max(i for i in range(checked + 1) if i not in slide.unreadable_levels)]
     for level in info.levels[checked + 1:]:
         if up_to_mpp is not None and max(level.mpp_x, level.mpp_y) > up_to_mpp * (1.0 + LEVEL_MATCH_TOLERANCE):
             return slide.unreadable_levels

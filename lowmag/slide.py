@@ -202,10 +202,10 @@ def _composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray
         rgba = np.repeat(rgba[..., None], 3, axis=2)
     if rgba.shape[2] == 3:
         return np.ascontiguousarray(rgba, dtype=np.uint8)
-    rgb = np.ascontiguousarray(rgba[..., :3])
     alpha = rgba[..., 3]
     if alpha.min() == 255:
-        return rgb
+        return np.ascontiguousarray(rgba[..., :3])
+    rgb = np.array(rgba[..., :3], dtype=np.uint8, order="C")  # a copy: the caller's array may be read-only
     # Only the pixels that are not opaque are blended (an opaque pixel blends to itself):
     # one transparent edge row must not cost a float pass over a whole overview.
     where = alpha != 255

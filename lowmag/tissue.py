@@ -98,8 +98,11 @@ def analysis_mpp(slide: Slide, params: TissueParams = TissueParams()) -> float:
     About ``analysis_side`` pixels across, never finer than ``min_mpp``. When a pyramid level
     is between ``min_analysis_side`` and ``analysis_side`` pixels on its longest side, the
     overview is the finest such level as stored: decoding it is the whole cost, where the
-    exact size would decode a finer level with up to 16x the pixels and then resample it
-    (the mask's rules are in µm, so its scale does not change what counts as tissue).
+    exact size would decode a finer level with up to 16x the pixels and then resample it.
+    The mask's rules are in µm but rounded to whole pixels (at least one), so a coarser
+    overview is a little coarser in what it keeps: at 16 µm/px the opening is one pixel,
+    16 µm, where about 2048 px across a 20 mm slide (9.8 µm/px) it was 9.8 µm. Slides under
+    about 4 mm keep ``min_mpp``, as before.
     """
     wanted = max(params.min_mpp, mpp_for_longest_side(slide, params.analysis_side))
     if wanted <= params.min_mpp:

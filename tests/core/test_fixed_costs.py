@@ -182,3 +182,32 @@ def test_box_averaging_equals_the_float_mean_for_every_sum(k):
     pixels[..., 1] = 255 - pixels[..., 1]
     plain = pixels.reshape(side, k, side, k, 3).mean(axis=(1, 3), dtype=np.float32)
     assert np.array_equal(box_mean(pixels, k), np.clip(np.rint(plain), 0, 255).astype(np.uint8))
+
+
+def test_compositing_a_read_only_pixel_does_not_write_into_it():
+    rgba = np.array([[[10, 20, 30, 128]]], np.uint8)
+    rgba.setflags(write=False)  # as np.asarray of a PIL image is
+    got = _composite(rgba, (255, 255, 255))
+    assert np.array_equal(got, plain_composite(rgba, (255, 255, 255)))
+
+
+def test_the_check_goes_on_from_a_usable_level_when_its_reference_failed_a_read(synthetic_slide):
+    """A read fell back from the level the lazy check last verified (an edge frame failed):
+    checking coarser levels later must compare them with a usable level, not fail."""
+    from lowmag.errors import SlideReadError
+
+    class FailsLater(DamagedLevel):
+        failing = False
+
+        def read_region(self, level, x, y, w, h):
+            self.reads.append(level)
+            if self.failing and level == 1:
+                raise SlideReadError(self.info.path, "Dimensional mismatch reading JPEG")
+            return self._slide.read_region(level, x, y, w, h)
+
+    slide = FailsLater(open_slide(synthetic_slide), level=1, mode="error")
+    assert verify_pyramid(slide, up_to_mpp=slide.info.levels[1].mpp_x) == frozenset()
+    slide.failing = True
+    slide.mark_level_unreadable(1, ValueError("an edge frame failed to decode"))
+    assert verify_pyramid(slide) == {1}
+    assert slide.pyramid_verified

@@ -97,24 +97,44 @@ def test_openvino_and_onnx_runtime_agree(onnx_bundle, openvino_bundle, slide_fac
 
 def test_pieces_are_read_one_ahead_in_order_and_a_read_error_reaches_the_caller():
     import threading
+    import time
 
     from lowmag.edge.pipeline import Prefetched
 
-    threads = set()
+    threads, started = set(), []
 
-    def read(i):
+    def read(i, cancelled):
         threads.add(threading.current_thread().name)
+        started.append(i)
         if i == 3:
             raise ValueError("bad piece 3")
         return np.full((2, 2, 3), i, np.uint8)
 
     with Prefetched(list(range(6)), read) as reads:
-        assert [int(reads.next()[0, 0, 0]) for _ in range(3)] == [0, 1, 2]
+        assert int(reads.next()[0, 0, 0]) == 0
+        time.sleep(0.2)
+        assert started == [0, 1]  # one ahead of the caller, never more
+        assert [int(reads.next()[0, 0, 0]) for _ in range(2)] == [1, 2]
         with pytest.raises(ValueError, match="bad piece 3"):
             reads.next()
     assert threads == {"lowmag-read"}  # read beside the caller, not in it
-    # Leaving early (the caller failed) stops the thread instead of hanging on a full queue.
-    with pytest.raises(RuntimeError):
-        with Prefetched(list(range(100)), lambda i: np.zeros((1, 1, 3), np.uint8)) as reads:
-            reads.next()
-            raise RuntimeError("inference failed")
+    assert 4 not in started  # nothing read after the failed piece
+
+
+def test_leaving_early_cancels_the_read_in_progress():
+    import time
+
+    from lowmag.edge.pipeline import Prefetched
+
+    def slow_read(i, cancelled):  # a long read that asks between blocks whether to stop
+        for _ in range(200):
+            if cancelled():
+                raise RuntimeError("stopped between blocks")
+            time.sleep(0.01)
+        return np.zeros((1, 1, 3), np.uint8)
+
+    tick = time.perf_counter()
+    with pytest.raises(KeyError):
+        with Prefetched(list(range(100)), slow_read):
+            raise KeyError("inference failed")  # before any read finished
+    assert time.perf_counter() - tick < 1.0  # not the 2 s the read would take
