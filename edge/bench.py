@@ -20,7 +20,6 @@ and FLOP reduction against it. Torch-free, like the rest of the edge runner.
 from __future__ import annotations
 
 import logging
-import math
 import platform
 import statistics
 import tempfile
@@ -43,7 +42,7 @@ from lowmag.edge.pipeline import (
 from lowmag.edge.results import write_slide_outputs
 from lowmag.errors import LowmagError
 from lowmag.labeled import Item, scan_image_folder
-from lowmag.reader import choose_level, output_size, read_at_mpp, verify_pyramid
+from lowmag.reader import choose_level, level_window, output_size, read_at_mpp, verify_pyramid
 from lowmag.runtimes import RuntimeUnavailableError, logits_of
 from lowmag.slide import open_slide
 from lowmag.tissue import locate_tissue
@@ -262,14 +261,6 @@ def run_tiles(tiles: list, config: PipelineConfig) -> list:
     fractions = [tissue_fraction(tile, config.tissue.min_saturation) for tile in tiles]
     kept = [tile for tile, fraction in zip(tiles, fractions) if fraction >= config.min_tile_tissue]
     return kept or [tiles[max(range(len(tiles)), key=fractions.__getitem__)]]
-
-
-def level_window(level, region) -> tuple[int, int, int, int]:
-    """A level-0 region in the pixels of ``level`` (x, y, width, height), as the reader reads it."""
-    x = int(math.floor(region.x / level.downsample))
-    y = int(math.floor(region.y / level.downsample))
-    return (x, y, max(1, int(math.ceil((region.x + region.width) / level.downsample)) - x),
-            max(1, int(math.ceil((region.y + region.height) / level.downsample)) - y))
 
 
 def _default_threads() -> int:

@@ -206,16 +206,20 @@ def _read_at_mpp(
             slide.mark_level_unreadable(level.index, error.__cause__ or error)
 
 
+def level_window(level: LevelInfo, region: Region) -> tuple[int, int, int, int]:
+    """A level-0 ``region`` in ``level``'s pixels (x, y, width, height), as reads decode it:
+    sub-pixel offsets at coarse levels are dropped, the far edges rounded outwards."""
+    x = int(math.floor(region.x / level.downsample))
+    y = int(math.floor(region.y / level.downsample))
+    return (x, y, max(1, int(math.ceil((region.x + region.width) / level.downsample)) - x),
+            max(1, int(math.ceil((region.y + region.height) / level.downsample)) - y))
+
+
 def _read_from_level(
     slide: Slide, level_index: int, region: Region, out_w: int, out_h: int, budget: _Budget,
     decode: list[float] | None = None, what: str = "reading it",
 ) -> np.ndarray:
-    level = slide.info.levels[level_index]
-    # The region in source-level pixels (sub-pixel offsets at coarse levels are dropped).
-    lx = int(math.floor(region.x / level.downsample))
-    ly = int(math.floor(region.y / level.downsample))
-    lw = max(1, int(math.ceil((region.x + region.width) / level.downsample)) - lx)
-    lh = max(1, int(math.ceil((region.y + region.height) / level.downsample)) - ly)
+    lx, ly, lw, lh = level_window(slide.info.levels[level_index], region)
     budget.check_size(slide, level_index, lw, lh, what)
 
     factor = min(lw / out_w, lh / out_h)
