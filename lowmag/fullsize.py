@@ -32,6 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
+from lowmag.synthetic import save_pyramid
+
 #: Colour of the generated glass (0-255 per channel) and the amplitude of its noise.
 GLASS = 244
 GLASS_NOISE = 6
@@ -192,10 +194,8 @@ def write_full_size_slide(target: str | Path, pieces: Sequence[np.ndarray], mpp:
             pyvips.Image.new_from_array(piece, interpretation="srgb").write_to_file(str(stored))
             canvas = canvas.insert(pyvips.Image.new_from_file(str(stored)), x, y)
             placed.append((x, y, pw, ph))
-        px_per_mm = 1000.0 / mpp
         partial = target.with_name(target.name + ".part")
-        canvas.tiffsave(str(partial), tile=True, tile_width=tile, tile_height=tile, pyramid=True,
-                        compression="jpeg", Q=quality, bigtiff=True, xres=px_per_mm, yres=px_per_mm, resunit="cm")
+        save_pyramid(canvas, partial, mpp, tile=tile, quality=quality, bigtiff=True)
     partial.replace(target)  # a slide interrupted half-way is never left under its name
     return FullSizeLayout(width, height, mpp, tuple(placed))
 

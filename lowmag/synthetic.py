@@ -66,16 +66,25 @@ def make_synthetic_slide(
             blobs = default_blobs(width, height)
         pixels = synthetic_pixels(width, height, blobs, seed)
     image = pyvips.Image.new_from_array(np.ascontiguousarray(pixels), interpretation="srgb")
-    options = dict(tile=True, tile_width=tile, tile_height=tile, pyramid=True, compression="jpeg", Q=92)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_pyramid(image, path, mpp, tile=tile)
+    return path
+
+
+def save_pyramid(image, path: str | Path, mpp: float | None, tile: int = 256, quality: int = 92,
+                 bigtiff: bool = False) -> None:
+    """Write a libvips image as a JPEG-tiled pyramidal TIFF (the "generic TIFF" OpenSlide
+    reads) whose resolution tags give ``mpp``; ``mpp=None`` writes 72 dpi, as image tools do."""
+    options = dict(tile=True, tile_width=tile, tile_height=tile, pyramid=True, compression="jpeg", Q=quality)
+    if bigtiff:
+        options.update(bigtiff=True)
     if mpp is not None:
         px_per_mm = 1000.0 / mpp
         options.update(xres=px_per_mm, yres=px_per_mm, resunit="cm")
     else:
         options.update(resunit="inch", xres=72 / 25.4, yres=72 / 25.4)  # 72 dpi
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     image.tiffsave(str(path), **options)
-    return path
 
 
 def default_blobs(width: int, height: int) -> list[Blob]:
