@@ -28,10 +28,11 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from lowmag.errors import SlideError
 from lowmag.synthetic import save_pyramid
 
 #: Colour of the generated glass (0-255 per channel) and the amplitude of its noise.
@@ -73,10 +74,9 @@ def pieces_from_tiles(folder: str | Path, tile_mpp: float, mpp: float, min_tiles
         raise ValueError(f"the slide's {mpp} µm/px is finer than the tiles' {tile_mpp}: that would upsample")
     folder = Path(folder)
     groups: dict[tuple[str, str], list[tuple[int, int, Path]]] = {}
-    with (folder / metadata).open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            key = (row["label"], row["source_image"])
-            groups.setdefault(key, []).append((int(row["row"]), int(row["col"]), folder / row["path"]))
+    for row in tile_rows(folder / metadata):
+        key = (row["label"], row["source_image"])
+        groups.setdefault(key, []).append((int(row["row"]), int(row["col"]), folder / row["path"]))
     def filled(tiles: list[tuple[int, int, Path]]) -> float:  # tiles present x share of the crop they fill
         rows = {t[0] for t in tiles}
         cols = {t[1] for t in tiles}
@@ -101,6 +101,30 @@ def pieces_from_tiles(folder: str | Path, tile_mpp: float, mpp: float, min_tiles
             canvas = np.ascontiguousarray(image.numpy())
         pieces.append(canvas)
     return pieces
+
+
+#: The columns ``pieces_from_tiles`` reads from the tiles' metadata.
+TILE_COLUMNS = ("path", "label", "source_image", "row", "col")
+
+
+def tile_rows(metadata: Path) -> list[dict[str, str]]:
+    """The rows of a tiles.csv, refused with the file and the fix when it is missing or lacks
+    the columns that place each tile in its source crop."""
+    fix = ("give a folder of labeled tiles with a tiles.csv naming, per tile, its path, label, source_image, "
+           "and the row and col of its top-left pixel in that image (as the Kather 2016 tiles have).")
+    if not metadata.is_file():
+        raise SlideError(metadata, "not found: the tiles' source crops cannot be rebuilt without it.", fix)
+    with metadata.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in TILE_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise SlideError(metadata, f"lacks the column(s) {', '.join(missing)}.", fix)
+        rows = list(reader)
+    for number, row in enumerate(rows, start=2):
+        if not (row["row"] or "").isdigit() or not (row["col"] or "").isdigit():
+            raise SlideError(metadata, f"line {number}: row and col must be whole pixel offsets, got "
+                             f"{row['row']!r} and {row['col']!r}.", fix)
+    return rows
 
 
 def glass(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -209,10 +233,12 @@ BENCH_SLIDES = {
 
 
 def bench_slides(folder: str | Path, tissue_slide: str | Path, tiles: str | Path | None = None,
-                 tiles_mpp: float = 0.495) -> list[Path]:
+                 tiles_mpp: float = 0.495,
+                 progress: Callable[[Path, int, int, int], None] = lambda *_: None) -> list[Path]:
     """The ``BENCH_SLIDES`` in ``folder``, made from the tissue of ``tissue_slide`` (and of the
     labeled ``tiles``' source crops when given); slides already there from the same sources
-    are kept (a recipe file beside them says what made them)."""
+    are kept (a recipe file beside them says what made them). ``progress(path, width,
+    height, pieces)`` is called before each slide is written (each takes a minute or two)."""
     import json
 
     folder = Path(folder)
@@ -222,12 +248,18 @@ def bench_slides(folder: str | Path, tissue_slide: str | Path, tiles: str | Path
     paths = [folder / name for name in BENCH_SLIDES]
     if stamp.exists() and json.loads(stamp.read_text()) == recipe and all(p.exists() for p in paths):
         return paths
+    if tiles is not None:
+        tile_rows(Path(tiles) / "tiles.csv")  # a wrong folder fails now, not after the slide is read
     pieces, mpp = pieces_from_slide(tissue_slide)
+    if not pieces:
+        raise SlideError(tissue_slide, "holds no tissue the localiser finds, so there is nothing to lay out.",
+                         "give a slide of stained tissue (e.g. the CMU-1 region); `lowmag info` shows what it holds.")
     if tiles is not None:
         pieces += pieces_from_tiles(tiles, tiles_mpp, mpp)
     folder.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     for seed, (path, (width, height, count)) in enumerate(zip(paths, BENCH_SLIDES.values())):
+        progress(path, width, height, count)
         write_full_size_slide(path, pieces, mpp, width, height, count, seed=seed)
     stamp.write_text(json.dumps(recipe, indent=1) + "\n")
     return paths

@@ -51,8 +51,30 @@ def test_bench_slides_command_writes_them_once(slides_dir, tmp_path, monkeypatch
     args = ["bench-slides", str(tmp_path / "out"), "--tissue", str(slides_dir / "aperio" / "CMU-1-Small-Region.svs")]
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
+    assert "writing" in first.stderr and "small-b.tif (6,000 x 4,000 px, 4 pieces" in first.stderr  # progress
     written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tif")}
     assert set(written) == {"small-a.tif", "small-b.tif"}
     again = CliRunner().invoke(main, args)  # the same sources: kept, not made again
     assert again.exit_code == 0
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tif")} == written
+
+
+def test_bench_slides_refuse_what_they_cannot_use_naming_the_file_and_the_fix(slides_dir, tmp_path):
+    from lowmag.edge.cli import main
+
+    cmu1 = str(slides_dir / "aperio" / "CMU-1-Small-Region.svs")
+    no_csv = tmp_path / "tiles"
+    no_csv.mkdir()
+    bad_csv = tmp_path / "bad"
+    bad_csv.mkdir()
+    (bad_csv / "tiles.csv").write_text("path,label\na.png,x\n")
+    cases = [
+        (["--tissue", cmu1, "--tiles", str(no_csv)], "tiles.csv: not found"),
+        (["--tissue", cmu1, "--tiles", str(bad_csv)], "lacks the column(s) source_image, row, col"),
+        (["--tissue", str(slides_dir / "tiny" / "small.svs")], "holds no tissue"),
+    ]
+    for extra, words in cases:
+        result = CliRunner().invoke(main, ["bench-slides", str(tmp_path / "out"), *extra])
+        assert result.exit_code == 1, result.output
+        assert words in result.output and "Fix:" in result.output, result.output
+    assert not (tmp_path / "out").exists()  # nothing written
