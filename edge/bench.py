@@ -37,7 +37,7 @@ from lowmag.edge.batch import units_of
 from lowmag.edge.flops import bundle_gflops, model_gflops
 from lowmag.edge.pipeline import (
     MIN_INPUT_SIDE, PipelineConfig, SlideClassifier, Timer, content_hash, in_background, pad_to, tile_regions,
-    timed_read, tissue_fraction,
+    tiles_to_run, timed_read, tissue_fraction,
 )
 from lowmag.edge.results import write_slide_outputs
 from lowmag.errors import LowmagError
@@ -234,10 +234,10 @@ def floor_ms(bundle: Bundle, session, path: Path, options: BenchOptions, repeats
         inputs: list = []
         for box in locate_tissue(slide, config.tissue):
             tiles = tile_regions(box, output_size(slide, target, box.region), config.max_piece_px)
-            pixels = [pad_to(read_at_mpp(slide, target, region), MIN_INPUT_SIDE, slide.info.background)
-                      for region in tiles]
+            pixels = (read_at_mpp(slide, target, region) for region in tiles)
             regions += tiles
-            inputs += pixels if len(tiles) == 1 else run_tiles(pixels, config)
+            inputs += [pad_to(rgb, MIN_INPUT_SIDE, slide.info.background) for rgb, _ in
+                       tiles_to_run(pixels, len(tiles), config.tissue.min_saturation, config.min_tile_tissue)]
         verify_pyramid(slide, up_to_mpp=target)
         level = slide.info.levels[choose_level(slide, target)]
     windows = [level_window(level, region) for region in regions]
@@ -254,13 +254,6 @@ def floor_ms(bundle: Bundle, session, path: Path, options: BenchOptions, repeats
         infer.append(time.perf_counter() - tick)
     ms = {"decode": statistics.median(decode) * 1000, "inference": statistics.median(infer) * 1000}
     return {k: round(v, 1) for k, v in {**ms, "total": ms["decode"] + ms["inference"]}.items()}
-
-
-def run_tiles(tiles: list, config: PipelineConfig) -> list:
-    """The tiles of one piece the pipeline runs: those with enough tissue, else the best one."""
-    fractions = [tissue_fraction(tile, config.tissue.min_saturation) for tile in tiles]
-    kept = [tile for tile, fraction in zip(tiles, fractions) if fraction >= config.min_tile_tissue]
-    return kept or [tiles[max(range(len(tiles)), key=fractions.__getitem__)]]
 
 
 def _default_threads() -> int:

@@ -48,7 +48,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -295,6 +295,28 @@ def tissue_fraction(rgb: np.ndarray, min_saturation: float) -> float:
     return float((colour_saturation(rgb) > min_saturation).mean())
 
 
+def tiles_to_run(tiles: Iterable[np.ndarray], count: int, min_saturation: float,
+                 min_tissue: float) -> Iterator[tuple[np.ndarray, float]]:
+    """The tiles of one piece that are classified, with their weights, as they stream in.
+
+    A tile with less than ``min_tissue`` of stained pixels is skipped; when every tile of
+    the piece is near-blank, the piece rests on its best one (weight 1). A piece of one
+    tile (``count`` 1) is always classified, with weight 1.
+    """
+    emptiest: tuple[float, np.ndarray] | None = None
+    kept = False
+    for rgb in tiles:
+        weight = tissue_fraction(rgb, min_saturation) if count > 1 else 1.0
+        if weight < min_tissue:
+            if emptiest is None or weight > emptiest[0]:
+                emptiest = (weight, rgb)
+            continue
+        kept = True
+        yield rgb, weight
+    if not kept and emptiest is not None:
+        yield emptiest[1], 1.0
+
+
 def shrink_to(rgb: np.ndarray, longest_side: int) -> np.ndarray:
     """``rgb`` reduced (never enlarged) so its longest side is at most ``longest_side``."""
     import pyvips
@@ -449,24 +471,21 @@ class SlideClassifier:
                         reads: "Prefetched", timer: Timer, should_stop: Callable[[], bool],
                         stats: StainStats | None) -> PieceResult:
         probabilities, weights, inputs = [], [], []
-        emptiest: tuple[float, np.ndarray] | None = None  # the best of the near-blank tiles
-        for _ in regions:
-            if should_stop():
-                raise SlideInterrupted(f"{shown(slide.info.path)}: interrupted by a stop")
-            rgb = reads.next()
-            if stats is not None:
-                with timer.stage("distribution"):
-                    stats.add(rgb)  # the pixels just read: no second pass over the slide
-            weight = tissue_fraction(rgb, self.config.tissue.min_saturation) if len(regions) > 1 else 1.0
-            if weight < self.config.min_tile_tissue:
-                if emptiest is None or weight > emptiest[0]:
-                    emptiest = (weight, rgb)
-                continue
+
+        def read() -> Iterator[np.ndarray]:
+            for _ in regions:
+                if should_stop():
+                    raise SlideInterrupted(f"{shown(slide.info.path)}: interrupted by a stop")
+                rgb = reads.next()
+                if stats is not None:
+                    with timer.stage("distribution"):
+                        stats.add(rgb)  # the pixels just read: no second pass over the slide
+                yield rgb
+
+        for rgb, weight in tiles_to_run(read(), len(regions), self.config.tissue.min_saturation,
+                                        self.config.min_tile_tissue):
             probabilities.append(self._run(rgb, slide, timer, inputs))
             weights.append(weight)
-        if not probabilities and emptiest is not None:  # every tile near-blank: the piece rests on its best one
-            probabilities.append(self._run(emptiest[1], slide, timer, inputs))
-            weights.append(1.0)
         w = np.asarray(weights, np.float64)
         merged = (np.stack(probabilities) * w[:, None]).sum(0) / w.sum()
         return PieceResult(box=box, input_px=size_px, tiles=len(regions), probabilities=merged, inputs=tuple(inputs))

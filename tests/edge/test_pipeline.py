@@ -9,6 +9,7 @@ from lowmag.bundle import load_bundle
 from lowmag.edge.backends import choose_backend, open_session
 from lowmag.edge.pipeline import (
     STAGES, NoTissueError, PipelineConfig, ResolutionTooCoarseError, SlideClassifier, tile_regions,
+    tiles_to_run,
 )
 from lowmag.errors import SlideTooLargeError
 from lowmag.synthetic import Blob
@@ -59,6 +60,38 @@ def test_tile_grid_covers_the_box_exactly():
     assert len(regions) == 3 * 2
     assert sum(r.width * r.height for r in regions) == 1001 * 503
     assert min(r.x for r in regions) == 10 and max(r.x + r.width for r in regions) == 1011
+
+
+def test_near_blank_tiles_are_skipped_and_a_blank_piece_rests_on_its_best_tile():
+    """The one rule the pipeline and the bench floor share (edge.pipeline.tiles_to_run)."""
+    glass = np.full((32, 32, 3), 240, np.uint8)
+    tissue = np.full((32, 32, 3), (222, 140, 185), np.uint8)  # strongly stained: every pixel counts
+    speck = glass.copy()
+    speck[:2, :8] = tissue[:2, :8]  # 16 of 1024 pixels: 1.6 %, under the 5 % floor
+    more = glass.copy()
+    more[:4, :8] = tissue[:4, :8]   # 3.1 %: still blank, but the better of the two
+
+    def run(tiles):  # (index of each tile classified, its weight)
+        return [(next(i for i, t in enumerate(tiles) if t is rgb), weight)
+                for rgb, weight in tiles_to_run(iter(tiles), len(tiles), 0.1, 0.05)]
+
+    assert run([glass, tissue, speck]) == [(1, 1.0)]
+    assert run([speck, more, glass]) == [(1, 1.0)]   # all near-blank: the best, at weight 1
+    assert run([glass]) == [(0, 1.0)]                 # a piece of one tile is always classified
+    half = glass.copy()
+    half[:16] = tissue[:16]
+    assert run([half, tissue]) == [(0, 0.5), (1, 1.0)]  # weights: the stained share
+    # Streaming: the first kept tile comes out before the next one is read.
+    read = []
+
+    def reads():
+        for tile in (tissue, glass, tissue):
+            read.append(tile)
+            yield tile
+
+    stream = tiles_to_run(reads(), 3, 0.1, 0.05)
+    next(stream)
+    assert len(read) == 1
 
 
 def test_pieces_smaller_than_the_graph_minimum_are_padded(tmp_path, slide_factory):
