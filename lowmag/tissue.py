@@ -217,8 +217,11 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams
     image = pyvips.Image.new_from_array(mask)
     close_r = max(1, int(round(params.close_um / mpp)))
     open_r = max(1, int(round(params.open_um / mpp)))
-    image = _erode(_dilate(image, close_r), close_r)
-    image = _dilate(_erode(image, open_r), open_r)
+    # Closing, then opening. Each step is computed whole into memory before the next: chained
+    # lazily, libvips recomputes every tile's overlap with its neighbours for the next mask
+    # (2.7x the time on the CMU-1 region, 45 ms against 17, for the same pixels).
+    for step, radius in ((_dilate, close_r), (_erode, close_r), (_erode, open_r), (_dilate, open_r)):
+        image = step(image, radius).copy_memory()
     return image.numpy().reshape(mask.shape) > 127
 
 
