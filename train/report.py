@@ -107,6 +107,54 @@ def render_seeds(groups: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_differences(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each student step with several seeds: its macro F1 minus the teacher's of the same
+    seed and, for a distilled or fine-tuned student, minus the baseline's at its resolution
+    and seed (points). A claim such as "matches the teacher" or "beats the baseline" holds
+    across seeds only if it holds for every seed here, not just on the means."""
+    f1 = {(row["name"], row.get("seed", 0)): 100.0 * row["metrics"]["macro_f1"]["value"] for row in rows}
+    teacher = {row.get("seed", 0): f1[(row["name"], row.get("seed", 0))] for row in rows if row["phase"] == "teacher"}
+    baseline = {(float(row["mpp"]), row.get("seed", 0)): f1[(row["name"], row.get("seed", 0))]
+                for row in rows if row["phase"] == "baseline"}
+    out = []
+    for group in seed_groups(rows):
+        if group["phase"] == "teacher":
+            continue
+        mpp = float(group["mpp"])
+        entry: dict[str, Any] = {k: group[k] for k in ("name", "phase", "method", "magnification", "mpp")}
+        for key, reference in (("minus_teacher", lambda seed: teacher.get(seed)),
+                               ("minus_baseline", lambda seed: baseline.get((mpp, seed))
+                                if group["phase"] != "baseline" else None)):
+            pairs = [(seed, f1[(group["name"], seed)] - ref) for seed in group["seeds"]
+                     if (ref := reference(seed)) is not None]
+            entry[key] = ({"per_seed": {seed: round(d, 2) for seed, d in pairs},
+                           "mean": float(np.mean([d for _, d in pairs])), "seeds": len(pairs)}
+                          if len(pairs) >= 2 else None)
+        out.append(entry)
+    return out
+
+
+def render_seed_differences(rows: Sequence[dict[str, Any]]) -> str:
+    """The per-seed differences of ``seed_differences`` as a Markdown table."""
+    entries = [e for e in seed_differences(rows) if e["minus_teacher"] or e["minus_baseline"]]
+    if not entries:
+        return ""
+
+    def cell(d: dict[str, Any] | None) -> str:
+        if d is None:
+            return "–"
+        per_seed = ", ".join(f"{v:+.1f}" for _, v in sorted(d["per_seed"].items()))
+        return f"{d['mean']:+.1f} ({per_seed})"
+
+    lines = ["", "Differences within each seed (macro F1 points, the mean then each seed's; a claim holds across "
+                 "seeds only where every seed agrees):", "",
+             "| Magnification | Method | − teacher | − baseline |", "|---|---|---:|---:|"]
+    for e in entries:
+        lines.append(f"| {_escape(e['magnification'])} | {_escape(e['method'])} | {cell(e['minus_teacher'])} | "
+                     f"{cell(e['minus_baseline'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _check_rows(rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         raise LowmagError("no result rows to report: evaluate at least one model first.")
@@ -176,11 +224,15 @@ def render_markdown(rows: Sequence[dict[str, Any]], title: str | None = None) ->
     lines: list[str] = []
     if title:
         lines += [f"## {title}", ""]
+    spread = {g["name"]: g for g in groups}
+    seeds_note = (" Where a step was trained with several seeds, its row is the lowest seed's and the last "
+                  "column the macro F1 over all of them (mean ± sample SD, number of seeds)." if spread else "")
     lines += [
-        _caption(ordered),
+        _caption(ordered) + seeds_note,
         "",
-        "| Magnification | Input (px) | Method | GFLOPs | Accuracy | F1 | Precision | Recall |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| Magnification | Input (px) | Method | GFLOPs | Accuracy | F1 | Precision | Recall |"
+        + (" F1 over seeds |" if spread else ""),
+        "|---|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if spread else ""),
     ]
     previous_group = None
     for row in ordered:
@@ -190,9 +242,14 @@ def render_markdown(rows: Sequence[dict[str, Any]], title: str | None = None) ->
         magnification = _escape(row["magnification"]) if first else ""
         input_px = str(row.get("input_px", "–")) if first else ""
         metrics = " | ".join(format_percent_ci(row["metrics"][key]) for _, key in _TABLE_METRICS)
+        over = ""
+        if spread:
+            g = spread.get(row["name"])
+            over = (f" {g['summary']['macro_f1']['mean']:.1f} ± {g['summary']['macro_f1']['sd']:.1f} "
+                    f"({len(g['seeds'])}) |" if g else " – |")
         lines.append(
             f"| {magnification} | {input_px} | {_escape(row['method'])} "
-            f"| {_format_gflops(row.get('gflops'))} | {metrics} |"
+            f"| {_format_gflops(row.get('gflops'))} | {metrics} |{over}"
         )
 
     classes = _class_names(ordered)
@@ -209,7 +266,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], title: str | None = None) ->
                  for name in classes]
         lines.append(f"| {_escape(row['magnification'])} | {_escape(row['method'])} | "
                      + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + render_seeds(groups)
+    return "\n".join(lines) + "\n" + render_seeds(groups) + render_seed_differences(rows)
 
 
 def _has_gflops(row: dict[str, Any]) -> bool:
@@ -353,7 +410,8 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        text = json.dumps({"meta": meta, "results": list(rows), "over_seeds": seed_groups(rows)}, indent=2,
+        text = json.dumps({"meta": meta, "results": list(rows), "over_seeds": seed_groups(rows),
+                           "seed_differences": seed_differences(rows)}, indent=2,
                           ensure_ascii=False, default=_to_json)
     except (TypeError, ValueError) as err:
         raise LowmagError(f"cannot write {out_dir / JSON_NAME}: {err}") from err

@@ -197,3 +197,48 @@ def test_report_gathers_the_extra_seeds_runs_of_a_run_folder(rows, tmp_path):
         step.mkdir(parents=True)
         (step / "metrics.json").write_text(json.dumps({**rows[-1], "seed": seed}))
     assert sorted(r["seed"] for r in gather_rows(tmp_path / "run")) == [0, 4]
+
+
+def test_each_seed_is_compared_with_the_teacher_and_baseline_of_its_own_seed(rows, tmp_path):
+    """The main table shows the spread, and a student's differences are taken within a seed:
+    with a teacher that is much better on one seed, the student "beats" it on the means'
+    order of rows but not on every seed, and the table shows that."""
+    preds = {  # macro F1 per seed follows from these; the test recomputes them, never hard-codes
+        "teacher": (Y_TRUE, Y_PRED, [0, 0, 0, 0, 1, 1, 1, 2, 2, 1]),
+        "baseline-5x": ([0, 1, 1, 2, 1, 1, 0, 2, 0, 1], Y_PRED, Y_PRED),
+        "distill-5x": (Y_PRED, Y_TRUE, Y_TRUE),
+    }
+    template = {row["name"]: row for row in rows}
+    seeded = []
+    for name, by_seed in preds.items():
+        t = template[name]
+        for seed, pred in enumerate(by_seed):
+            row = _row(name, t["phase"], t["method"], t["magnification"], t["mpp"], t["input_px"], t["gflops"],
+                       pred=pred)
+            seeded.append({**row, "seed": seed})
+    f1 = {(r["name"], r["seed"]): 100 * r["metrics"]["macro_f1"]["value"] for r in seeded}
+
+    markdown = render_markdown(seeded)
+
+    main = _table_cells(markdown.split("Per-class")[0])
+    assert main[0][-1] == "F1 over seeds"
+    teacher_f1 = [f1[("teacher", s)] for s in range(3)]
+    import numpy as np
+    assert main[1][-1] == f"{np.mean(teacher_f1):.1f} ± {np.std(teacher_f1, ddof=1):.1f} (3)"
+    differences = _table_cells(markdown.split("Differences within each seed")[1])
+    assert differences[0] == ["Magnification", "Method", "− teacher", "− baseline"]
+    by_method = {r[1]: r for r in differences[1:]}
+    student = by_method["Distillation (labeled)"]
+    minus_teacher = [f1[("distill-5x", s)] - f1[("teacher", s)] for s in range(3)]
+    minus_baseline = [f1[("distill-5x", s)] - f1[("baseline-5x", s)] for s in range(3)]
+    assert student[2] == f"{np.mean(minus_teacher):+.1f} (" + ", ".join(f"{d:+.1f}" for d in minus_teacher) + ")"
+    assert student[3] == f"{np.mean(minus_baseline):+.1f} (" + ", ".join(f"{d:+.1f}" for d in minus_baseline) + ")"
+    assert min(minus_teacher) < 0 < max(minus_teacher)  # the case the table exists for: seeds disagree
+    assert by_method["Baseline (from scratch)"][3] == "–"  # a baseline is not compared with itself
+    data = json.loads(write_report(seeded, tmp_path / "r", {"title": "t"})["json"].read_text())
+    assert {e["name"] for e in data["seed_differences"]} == {"baseline-5x", "distill-5x"}
+
+
+def test_a_one_seed_report_keeps_its_shape(rows):
+    markdown = render_markdown(rows)
+    assert "F1 over seeds" not in markdown and "Differences within each seed" not in markdown
