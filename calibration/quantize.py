@@ -94,21 +94,31 @@ def quantize_onnx_qdq(
     }
 
 
-def quantize_openvino_nncf(ov_model: Any, images: Sequence[np.ndarray], fast_bias_correction: bool = True) -> tuple[Any, dict[str, Any]]:
+#: NNCF presets offered on the command line: symmetric activations (the default), or
+#: asymmetric ones, which keep more of a student whose activations are one-sided (the
+#: Kather 10x student distilled on labeled tiles only lost 1.06 macro-F1 points with the
+#: first and 0.49 with the second; full bias correction changed nothing there).
+NNCF_PRESETS = {"performance": "performance (symmetric int8)", "mixed": "mixed (symmetric weights, asymmetric activations)"}
+
+
+def quantize_openvino_nncf(ov_model: Any, images: Sequence[np.ndarray], preset: str = "performance",
+                           fast_bias_correction: bool = True) -> tuple[Any, dict[str, Any]]:
     """The NNCF-quantized copy of an OpenVINO model, and what was done."""
     import nncf
 
+    if preset not in NNCF_PRESETS:
+        raise ValueError(f"NNCF preset must be one of {tuple(NNCF_PRESETS)}, got {preset!r}")
     dataset = nncf.Dataset(list(images), lambda image: {INPUT_NAME: image[None]})
     quantized = nncf.quantize(
         ov_model,
         dataset,
-        preset=nncf.QuantizationPreset.PERFORMANCE,
+        preset={"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}[preset],
         subset_size=len(images),
         fast_bias_correction=fast_bias_correction,
     )
     return quantized, {
         "tool": f"nncf.quantize {nncf.__version__}",
-        "preset": "performance (symmetric int8)",
+        "preset": NNCF_PRESETS[preset],
         "images": len(images),
         "fast_bias_correction": fast_bias_correction,
     }

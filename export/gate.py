@@ -60,7 +60,7 @@ def accuracy_change(reference: np.ndarray, exported: np.ndarray, labels: np.ndar
 
 
 def judge(precision: str, parity: dict[str, Any], accuracy: dict[str, Any] | None, policy: GatePolicy,
-          where: str) -> dict[str, Any]:
+          where: str, target: str = "onnx") -> dict[str, Any]:
     """Apply the policy; returns the verdict for the spec or raises ``GateError``."""
     verdict: dict[str, Any] = {"precision": precision, "policy": {
         "fp32_tolerance": policy.fp32_tolerance, "max_f1_drop": policy.max_f1_drop,
@@ -85,10 +85,14 @@ def judge(precision: str, parity: dict[str, Any], accuracy: dict[str, Any] | Non
             verdict["accuracy_drop_allowed"] = True
             verdict["warning"] = message
         else:
+            # The knob that changes INT8 ranges differs per target: ONNX Runtime's calibration
+            # method, or NNCF's preset (OpenVINO ignores --calibration-method).
+            knob = ("try --nncf-preset mixed (asymmetric activations)" if target == "openvino"
+                    else "try --calibration-method percentile or entropy")
             problems.append(
-                message + ". Calibrate on more (and more representative) tissue with --calibration, "
-                "try --calibration-method percentile or entropy, use --precision fp16, or pass "
-                "--allow-accuracy-drop to accept it knowingly (it is recorded in lowmag.json)."
+                message + f". Calibrate on more (and more representative) tissue with --calibration, {knob}, "
+                "use --precision fp16, or pass --allow-accuracy-drop to accept it knowingly (it is recorded in "
+                "lowmag.json)."
             )
     if problems:
         raise GateError(f"{where}: export refused, nothing was written. " + " ".join(problems))

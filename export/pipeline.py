@@ -44,6 +44,7 @@ class ExportOptions:
     calibration_size: int = 500
     calibration_method: str = "minmax"
     int8_activations: str = "auto"
+    nncf_preset: str = "performance"
     calibration_cache: Path | None = None
     patch_px: int = 224
     parity_images: int = 64
@@ -87,6 +88,12 @@ def _preflight(checkpoint: Path, out: Path, options: ExportOptions) -> None:
         problems.append("--refresh-fingerprint makes the fingerprint from the --calibration images: pass them")
     if (options.eval_images or options.val_images) and options.mpp is None:
         problems.append("--eval-images/--val-images need --mpp (their µm/px)")
+    if options.nncf_preset != "performance" and not (options.target == "openvino" and options.precision == "int8"):
+        problems.append("--nncf-preset sets how NNCF quantizes OpenVINO INT8 models: use it with --target openvino "
+                        "--precision int8 (ONNX and TensorRT INT8 take --calibration-method)")
+    if options.calibration_method != "minmax" and options.target == "openvino":
+        problems.append("--calibration-method sets ONNX Runtime's INT8 ranges; OpenVINO INT8 is quantized by NNCF: "
+                        "use --nncf-preset mixed instead")
     if options.target == "tensorrt":
         try:
             import tensorrt  # noqa: F401
@@ -172,7 +179,7 @@ def export_student(checkpoint: str | Path, out: str | Path, options: ExportOptio
                                     spec.target_mpp, options.progress)
 
         inputs = BuildInputs(options.precision, calibration, options.calibration_method, options.int8_activations,
-                             options.threads, spec.target_mpp, options.profile)
+                             options.threads, spec.target_mpp, options.profile, options.nncf_preset)
         built = BUILDERS[options.target](work, fp32, inputs)
         session = built.session()
 
@@ -186,7 +193,7 @@ def export_student(checkpoint: str | Path, out: str | Path, options: ExportOptio
             n = len(holdout)
             accuracy = gate.accuracy_change(reference[n:], exported[n:], eval_set[1], len(spec.classes))
         policy = gate.GatePolicy(options.fp32_tolerance, options.max_f1_drop, options.allow_accuracy_drop)
-        verdict = gate.judge(options.precision, parity, accuracy, policy, str(checkpoint))
+        verdict = gate.judge(options.precision, parity, accuracy, policy, str(checkpoint), options.target)
         if verdict.get("warning"):
             logger.warning("%s (allowed by --allow-accuracy-drop)", verdict["warning"])
 
@@ -265,7 +272,8 @@ def _calibration_record(manifest: dict[str, Any] | None, options: ExportOptions)
         return None
     return {
         "sources": [str(p) for p in options.calibration],
-        "method": options.calibration_method if options.precision == "int8" else None,
+        "method": (None if options.precision != "int8" else
+                   f"nncf {options.nncf_preset}" if options.target == "openvino" else options.calibration_method),
         "counts": manifest.get("counts"),
         "patch_px": manifest.get("patch_px"),
         "manifest_key": manifest.get("key"),

@@ -50,6 +50,7 @@ class BuildInputs:
     threads: int | None = None
     target_mpp: float = 1.0
     profile: Any = None  # lowmag.tensorrt.ProfileShapes for TensorRT
+    nncf_preset: str = "performance"  # OpenVINO INT8
 
 
 def _int8_onnx(work: Path, fp32: Path, inputs: BuildInputs, activations: str) -> tuple[Path, dict[str, Any]]:
@@ -116,7 +117,7 @@ def build_openvino(work: Path, fp32: Path, inputs: BuildInputs) -> Built:
     if inputs.precision == "int8":
         from lowmag.calibration.quantize import quantize_openvino_nncf
 
-        model, quantization = quantize_openvino_nncf(model, inputs.calibration)
+        model, quantization = quantize_openvino_nncf(model, inputs.calibration, inputs.nncf_preset)
     elif inputs.precision == "fp16":
         quantization = {"tool": "openvino.save_model(compress_to_fp16=True)", "weights": "fp16"}
     ov.save_model(model, str(work / "model.xml"), compress_to_fp16=inputs.precision == "fp16")

@@ -217,6 +217,11 @@ def images_the_model_gets_right(student: Path, labeled: Path, folder: Path) -> P
     ([], "real images"),
     (["--eval-images", "{eval}"], "--mpp"),
     (["--target", "tensorrt", "--eval-images", "{eval}", "--mpp", "0.5"], "TensorRT is not installed"),
+    # Each INT8 knob belongs to its own quantizer: given to the other, it would be silently ignored.
+    (["--precision", "int8", "--nncf-preset", "mixed", "--calibration", "{eval}", "--calibration-mpp", "0.5"],
+     "--nncf-preset sets how NNCF"),
+    (["--target", "openvino", "--precision", "int8", "--calibration-method", "percentile", "--calibration", "{eval}",
+      "--calibration-mpp", "0.5"], "use --nncf-preset mixed instead"),
 ])
 def test_bad_requests_are_refused_before_any_work(student, he_eval, tmp_path, args, message):
     if "tensorrt" in args:
@@ -342,3 +347,37 @@ def test_a_checkpoint_with_an_older_fingerprint_exports_and_says_it_will_not_be_
     result = export([old, "--out", tmp_path / "bundle", "--eval-images", he_eval, "--mpp", SCAN_MPP])
     assert result.exit_code == 0, result.output
     assert "NOT usable" in result.output and "window_px" in result.output and "--refresh-fingerprint" in result.output
+
+
+def test_openvino_int8_with_asymmetric_activations_passes_and_says_so(student, he_images, he_eval, tmp_path):
+    import openvino as ov
+
+    ranges = {}
+    for preset in ("performance", "mixed"):
+        out = tmp_path / f"ov-{preset}"
+        result = export([student, "--target", "openvino", "--precision", "int8", "--nncf-preset", preset,
+                         "--out", out, "--calibration", he_images, "--calibration-mpp", SCAN_MPP,
+                         "--calibration-size", "60", "--parity-images", "12", "--eval-images", he_eval,
+                         "--mpp", SCAN_MPP, "--max-f1-drop", "5"])
+        assert result.exit_code == 0, result.output
+        export_ = load_bundle(out).spec.export
+        assert export_["quantization"]["preset"].startswith(preset)
+        assert export_["calibration"]["method"] == f"nncf {preset}"
+        model = ov.Core().read_model(str(out / "model.xml"))
+        ranges[preset] = sorted(
+            round(float(np.min(op.input_value(i).get_node().get_data())), 6)
+            for op in model.get_ops() if op.get_type_name() == "FakeQuantize"
+            for i in (1, 2) if op.input_value(i).get_node().get_type_name() == "Constant")
+    assert ranges["performance"] and ranges["mixed"] != ranges["performance"]  # the preset reached NNCF
+
+
+def test_the_accuracy_refusal_names_the_knob_of_the_target_it_refused():
+    from lowmag.export.gate import GatePolicy, GateError, judge
+
+    parity = {"images": 10, "max_abs_logit_diff": 0.3, "top1_agreement": 0.9}
+    accuracy = {"images": 674, "macro_f1_pytorch": 66.1, "macro_f1_exported": 65.0, "macro_f1_change": -1.1}
+    for target, knob, other in (("openvino", "--nncf-preset mixed", "--calibration-method"),
+                                ("onnx", "--calibration-method percentile", "--nncf-preset")):
+        with pytest.raises(GateError) as refused:
+            judge("int8", parity, accuracy, GatePolicy(), "ckpt", target)
+        assert knob in str(refused.value) and other not in str(refused.value)
