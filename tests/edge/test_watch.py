@@ -99,12 +99,13 @@ def test_polling_mode_and_a_slide_replaced_under_the_same_name(onnx_bundle, slid
 def test_kill_9_mid_slide_then_restart_loses_nothing_and_doubles_nothing(onnx_bundle, slide_factory, tmp_path):
     scans, out = tmp_path / "scans", tmp_path / "out"
     scans.mkdir()
-    for i in range(3):  # slow slides: 3000 px of tissue in 16 px tiles take seconds each
-        shutil.copy(slide_factory(f"slow{i}.tif", 3000, 2400, seed=10 + i), scans / f"slow{i}.tif")
+    for i in range(3):  # slow slides: 4200 px of tissue in 16 px tiles take a few seconds each
+        shutil.copy(slide_factory(f"slow{i}.tif", 4200, 3400, seed=10 + i), scans / f"slow{i}.tif")
     slow = ("--max-piece-px", "16", "--settle", "0.5", "--threads", "1")
     proc = start_watch(scans, out, onnx_bundle, *slow)
+    # Killed the moment a slide is seen in hand: a pause here once let a slide finish and the
+    # kill land between two slides (the pipeline got faster; the test must not depend on it).
     wait_for(lambda: "processing" in ledger_states(out).values(), 60, "a slide in hand", proc)
-    time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     states = ledger_states(out)
