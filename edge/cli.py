@@ -120,6 +120,27 @@ def _on_signals(handler: Callable[[], None]) -> None:
     signal.signal(signal.SIGINT, handle)
 
 
+class _StopRequest:
+    """A stop asked for before there is anything to stop (the start: the ledger's recovery,
+    the model's compilation) is kept and passed on once the watcher or batch exists, so a
+    SIGTERM at any moment after the handlers are installed ends in a clean stop (exit 0),
+    never in the default handler's death by signal."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.target: Callable[[], None] | None = None
+
+    def __call__(self) -> None:
+        self.requested = True
+        if self.target is not None:
+            self.target()
+
+    def attach(self, target: Callable[[], None]) -> None:
+        self.target = target
+        if self.requested:
+            target()
+
+
 def _exit_if_stuck(stuck: list, timeout: float, max_attempts: int) -> None:
     """Slides still in hand after the stop's timeout (a decode or inference call that cannot
     be interrupted): exit now, *holding* the output lock until the process is gone, so no
@@ -153,9 +174,11 @@ def run_command(ctx: click.Context, slides: tuple[Path, ...], reprocess: bool, r
     from lowmag.edge.batch import run_batch
 
     _log_to_stderr(ctx.find_root().params.get("verbose", 0))
+    stop = _StopRequest()
+    _on_signals(stop)  # before the model loads: a stop during the start is a clean one
     bundle, choice, config, options = _setup(retry_delay_s=retry_delay, **kwargs)
     report = run_batch(list(slides), kwargs["out"], bundle, choice, config, options, reprocess=reprocess,
-                       install_signals=_on_signals)
+                       install_signals=stop.attach)
     click.echo(report.summary())
     _exit_if_stuck(report.stuck, 60.0, options.max_attempts)
     if report.failed:
@@ -194,6 +217,8 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
     out: Path = kwargs["out"]
     if out.resolve() == scans.resolve():
         raise click.UsageError("--out must not be the watched folder itself; use a folder beside it.")
+    stop = _StopRequest()
+    _on_signals(stop)  # before the ledger's recovery and the model's compilation: see _StopRequest
     bundle, choice, config, options = _setup(retry_delay_s=retry_delay, settle_s=settle, **kwargs)
     wait_until_writable(out)
     with open_output(out, options.max_attempts) as ledger:
@@ -203,7 +228,7 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
         watcher = Watcher(scans, runner, WatchOptions(settle_s=settle, poll=poll, poll_interval_s=poll_interval,
                                                       rescan_interval_s=rescan_interval,
                                                       shutdown_timeout_s=shutdown_timeout), exclude=exclude)
-        _on_signals(watcher.request_stop)
+        stop.attach(watcher.request_stop)
         started = time.time()
         stuck = watcher.run()
         _exit_if_stuck(stuck, shutdown_timeout, options.max_attempts)

@@ -155,3 +155,40 @@ def test_run_on_a_full_output_disk_stops_with_the_fix_and_a_rerun_finishes(onnx_
     assert "run the same command again" in full.stderr
     assert again.returncode == 0 and "1 done, 0 failed, 1 already done" in again.stdout
     assert [r["status"] for r in csv_rows(out)] == ["done", "done"]
+
+
+#: edge-classify whose model check takes 3 s and says when it begins: a start slow enough to stop in.
+_SLOW_START = """
+import sys, time
+from lowmag.edge import runner
+real = runner.EdgeRunner.check_backend
+def slow(self, *args, **kwargs):
+    print("checking the backend", flush=True)
+    time.sleep(3)
+    return real(self, *args, **kwargs)
+runner.EdgeRunner.check_backend = slow
+from lowmag.edge.cli import main
+sys.argv[0] = "edge-classify"
+main()
+"""
+
+
+@pytest.mark.parametrize("command", ["watch", "run"])
+def test_a_stop_during_the_start_is_a_clean_stop(onnx_bundle, slide_factory, tmp_path, command):
+    """SIGTERM while the model is being checked (systemd stopping a unit it just started):
+    the process stops cleanly with exit 0, not by the signal's default action."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    shutil.copy(slide(slide_factory, "a.tif", 1), scans / "a.tif")
+    args = [command, str(scans), "--model", str(onnx_bundle), "--out", str(out)]
+    log_path = tmp_path / "start.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _SLOW_START, *args], stdout=log, stderr=subprocess.STDOUT,
+                                cwd=REPO)
+        wait_for(lambda: "checking the backend" in log_path.read_text(), 60, "the start", proc)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    text = log_path.read_text()
+    assert code == 0, text
+    assert "SIGTERM: finishing or releasing the slides in hand, then stopping" in text
+    assert set(ledger_states(out).values()) <= {"queued"}  # nothing was classified or lost
