@@ -112,7 +112,7 @@ def quantize_openvino_nncf(ov_model: Any, images: Sequence[np.ndarray], preset: 
     quantized = nncf.quantize(
         ov_model,
         dataset,
-        preset={"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}[preset],
+        preset=getattr(nncf.QuantizationPreset, preset.upper()),  # PERFORMANCE or MIXED
         subset_size=len(images),
         fast_bias_correction=fast_bias_correction,
     )

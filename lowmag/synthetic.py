@@ -76,9 +76,8 @@ def save_pyramid(image, path: str | Path, mpp: float | None, tile: int = 256, qu
                  bigtiff: bool = False) -> None:
     """Write a libvips image as a JPEG-tiled pyramidal TIFF (the "generic TIFF" OpenSlide
     reads) whose resolution tags give ``mpp``; ``mpp=None`` writes 72 dpi, as image tools do."""
-    options = dict(tile=True, tile_width=tile, tile_height=tile, pyramid=True, compression="jpeg", Q=quality)
-    if bigtiff:
-        options.update(bigtiff=True)
+    options = dict(tile=True, tile_width=tile, tile_height=tile, pyramid=True, compression="jpeg", Q=quality,
+                   bigtiff=bigtiff)
     if mpp is not None:
         px_per_mm = 1000.0 / mpp
         options.update(xres=px_per_mm, yres=px_per_mm, resunit="cm")

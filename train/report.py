@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -112,24 +112,32 @@ def seed_differences(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     seed and, for a distilled or fine-tuned student, minus the baseline's at its resolution
     and seed (points). A claim such as "matches the teacher" or "beats the baseline" holds
     across seeds only if it holds for every seed here, not just on the means."""
-    f1 = {(row["name"], row.get("seed", 0)): 100.0 * row["metrics"]["macro_f1"]["value"] for row in rows}
-    teacher = {row.get("seed", 0): f1[(row["name"], row.get("seed", 0))] for row in rows if row["phase"] == "teacher"}
-    baseline = {(float(row["mpp"]), row.get("seed", 0)): f1[(row["name"], row.get("seed", 0))]
-                for row in rows if row["phase"] == "baseline"}
+    def seed(row: dict[str, Any]) -> int:
+        return row.get("seed", 0)
+
+    def macro_f1(row: dict[str, Any]) -> float:
+        return 100.0 * row["metrics"]["macro_f1"]["value"]
+
+    f1 = {(row["name"], seed(row)): macro_f1(row) for row in rows}
+    teacher = {seed(row): macro_f1(row) for row in rows if row["phase"] == "teacher"}
+    baseline = {(float(row["mpp"]), seed(row)): macro_f1(row) for row in rows if row["phase"] == "baseline"}
+
+    def difference(group: dict[str, Any], reference: Callable[[int], float | None]) -> dict[str, Any] | None:
+        pairs = [(s, f1[(group["name"], s)] - ref) for s in group["seeds"] if (ref := reference(s)) is not None]
+        if len(pairs) < 2:
+            return None
+        return {"per_seed": {s: round(d, 2) for s, d in pairs}, "mean": float(np.mean([d for _, d in pairs])),
+                "seeds": len(pairs)}
+
     out = []
     for group in seed_groups(rows):
         if group["phase"] == "teacher":
             continue
         mpp = float(group["mpp"])
         entry: dict[str, Any] = {k: group[k] for k in ("name", "phase", "method", "magnification", "mpp")}
-        for key, reference in (("minus_teacher", lambda seed: teacher.get(seed)),
-                               ("minus_baseline", lambda seed: baseline.get((mpp, seed))
-                                if group["phase"] != "baseline" else None)):
-            pairs = [(seed, f1[(group["name"], seed)] - ref) for seed in group["seeds"]
-                     if (ref := reference(seed)) is not None]
-            entry[key] = ({"per_seed": {seed: round(d, 2) for seed, d in pairs},
-                           "mean": float(np.mean([d for _, d in pairs])), "seeds": len(pairs)}
-                          if len(pairs) >= 2 else None)
+        entry["minus_teacher"] = difference(group, teacher.get)
+        entry["minus_baseline"] = (None if group["phase"] == "baseline"
+                                   else difference(group, lambda s: baseline.get((mpp, s))))
         out.append(entry)
     return out
 
