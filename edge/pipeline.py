@@ -18,7 +18,8 @@ The steps, each timed (milliseconds in every result):
    export-student traces) are padded with the slide's background colour.
 
 6. ``distribution``: the tissue pixels read in step 4 are summarised as they are read
-   (``lowmag.fingerprint.StainStats``) and the slide is judged against the bundle's
+   (``lowmag.fingerprint.StainStats``, in the reading thread, beside the inference of the
+   previous tile) and the slide is judged against the bundle's
    fingerprint of its training data; a slide the tissue step found not to be brightfield
    (dark background, no colour) is out of distribution whatever the model. ``ood="flag"``
    classifies it and sets ``needs_review`` with the reasons; ``ood="refuse"`` raises
@@ -427,13 +428,18 @@ class SlideClassifier:
                     "lower-magnification model.")
             stats = self.fingerprint.stats() if self.fingerprint is not None else None
             plan = [(box, tile_regions(box, size_px, config.max_piece_px)) for box, size_px in zip(boxes, sizes)]
-            reads = Prefetched([region for _, regions in plan for region in regions],
-                               lambda region, cancelled: timed_read(
-                                   slide, self.target_mpp, region, timer, config.pixel_budget,
-                                   max_source_pixels=config.decode_budget,
-                                   should_stop=lambda: should_stop() or cancelled()))
-            with reads:
-                pieces = [self._classify_piece(slide, box, size_px, regions, reads, timer, should_stop, stats)
+
+            def read(region: Region, cancelled: Callable[[], bool]) -> np.ndarray:
+                rgb = timed_read(slide, self.target_mpp, region, timer, config.pixel_budget,
+                                 max_source_pixels=config.decode_budget,
+                                 should_stop=lambda: should_stop() or cancelled())
+                if stats is not None:  # the pixels just read, in the reading thread: beside the inference
+                    with timer.stage("distribution"):
+                        stats.add(rgb)
+                return rgb
+
+            with Prefetched([region for _, regions in plan for region in regions], read) as reads:
+                pieces = [self._classify_piece(slide, box, size_px, regions, reads, timer, should_stop)
                           for (box, regions), size_px in zip(plan, sizes)]
         with timer.stage("distribution"):
             distribution = self._judge(stats, modality)
@@ -468,19 +474,14 @@ class SlideClassifier:
                 "lower magnification.")
 
     def _classify_piece(self, slide: Slide, box: TissueBox, size_px: tuple[int, int], regions: list[Region],
-                        reads: "Prefetched", timer: Timer, should_stop: Callable[[], bool],
-                        stats: StainStats | None) -> PieceResult:
+                        reads: "Prefetched", timer: Timer, should_stop: Callable[[], bool]) -> PieceResult:
         probabilities, weights, inputs = [], [], []
 
         def read() -> Iterator[np.ndarray]:
             for _ in regions:
                 if should_stop():
                     raise SlideInterrupted(f"{shown(slide.info.path)}: interrupted by a stop")
-                rgb = reads.next()
-                if stats is not None:
-                    with timer.stage("distribution"):
-                        stats.add(rgb)  # the pixels just read: no second pass over the slide
-                yield rgb
+                yield reads.next()
 
         for rgb, weight in tiles_to_run(read(), len(regions), self.config.tissue.min_saturation,
                                         self.config.min_tile_tissue):

@@ -120,3 +120,27 @@ def test_a_damaged_fingerprint_is_not_trusted_but_the_bundle_still_runs(he_finge
     assert "fingerprint of the training data is not used (the fingerprint does not match its sha256" in run.stderr
     verdicts = {name: doc["distribution"]["verdict"] for name, doc in results(out).items()}
     assert verdicts == {"he.svs": "unchecked", "fluorescence.tif": "out_of_distribution"}
+
+
+def test_the_slide_statistics_gathered_beside_inference_are_those_of_all_its_tiles(he_bundle, slides_dir):
+    """The reading thread summarises each tile as it reads it (issue 15): the verdict's features
+    must be exactly those of every tile of every piece, skipped ones included."""
+    from lowmag.bundle import load_bundle
+    from lowmag.edge.backends import choose_backend, open_session
+    from lowmag.edge.pipeline import PipelineConfig, SlideClassifier, tile_regions
+    from lowmag.reader import read_at_mpp
+    from lowmag.slide import open_slide
+
+    bundle = load_bundle(he_bundle)
+    classifier = SlideClassifier(bundle, open_session(bundle, choose_backend(bundle), None),
+                                 PipelineConfig(max_piece_px=64))
+    path = slides_dir / "aperio" / "CMU-1-Small-Region.svs"
+    result = classifier.classify(path)
+    assert sum(piece.tiles for piece in result.pieces) > 4  # several tiles: the order matters to the medians
+    stats = classifier.fingerprint.stats()
+    with open_slide(path) as slide:
+        for piece in result.pieces:
+            for region in tile_regions(piece.box, piece.input_px, 64):
+                stats.add(read_at_mpp(slide, bundle.spec.target_mpp, region))
+    assert result.distribution.to_dict() == classifier.fingerprint.judge(stats.features(), stats.histogram()).to_dict()
+    assert result.distribution.score is not None
