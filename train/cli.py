@@ -56,6 +56,19 @@ def _open_experiment(config_path: Path, out: Path | None, device: str | None, ep
     return Experiment(config, out or Path("runs") / config.name, runtime)
 
 
+def _seed_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--seed K``: the step with another training seed, in RUN/seed-K/ (what ``extra_seeds``
+    does for the headline steps), e.g. to repeat a step the run trained with one seed only."""
+    @click.option("--seed", type=click.IntRange(min=0), default=None,
+                  help="Train with this training seed instead of the config's, into RUN/seed-<SEED>/ on the same "
+                       "split and from that seed's teacher; the report gathers it with the other seeds.")
+    @functools.wraps(func)
+    def wrapper(exp: Any, seed: int | None, **kwargs: Any) -> Any:
+        return func(exp if seed is None or seed == exp.config.seed else exp.for_seed(seed), **kwargs)
+
+    return wrapper
+
+
 def _resolution_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--resolution", required=True,
                         help="Student resolution as in the config, e.g. scan/4 or 5x.")(func)
@@ -63,6 +76,7 @@ def _resolution_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 @main.command()
 @_experiment_command
+@_seed_option
 def teacher(exp) -> None:
     """Train the high-resolution teacher (Adam, cross-entropy) on the labeled split."""
     from lowmag.train.experiment import Step
@@ -73,6 +87,7 @@ def teacher(exp) -> None:
 @main.command()
 @_resolution_option
 @_experiment_command
+@_seed_option
 def baseline(exp, resolution: str) -> None:
     """Train a student from scratch at RESOLUTION on the labeled split (the comparison)."""
     from lowmag.train.experiment import Step
@@ -88,6 +103,7 @@ def baseline(exp, resolution: str) -> None:
 @click.option("--attention-weight", type=click.FloatRange(min=0), default=None,
               help="Weight of the Grad-CAM attention term (default: the config's).")
 @_experiment_command
+@_seed_option
 def distill(exp, resolution: str, regime: str, pixel: str | None, attention_weight: float | None) -> None:
     """Distil the teacher into a student at RESOLUTION (soft + pixel [+ attention] loss)."""
     from lowmag.train.experiment import Step
@@ -102,6 +118,7 @@ def distill(exp, resolution: str, regime: str, pixel: str | None, attention_weig
 @_resolution_option
 @click.option("--regime", type=click.Choice(["labeled", "labeled+unlabeled"]), default="labeled", show_default=True)
 @_experiment_command
+@_seed_option
 def finetune(exp, resolution: str, regime: str) -> None:
     """Fine-tune only the FC layer of a distilled student on labeled low-resolution images."""
     from lowmag.train.experiment import Step

@@ -30,6 +30,8 @@ from lowmag.metrics import format_percent_ci
 logger = logging.getLogger(__name__)
 
 PHASES = ("teacher", "baseline", "distill", "finetune")
+#: How a method name says its student learnt from labeled + unlabeled images (Step.method).
+UNLABELED = "labeled + unlabeled"
 _REQUIRED = ("name", "phase", "method", "magnification", "mpp", "metrics")
 _TABLE_METRICS = (("Accuracy", "accuracy"), ("F1", "macro_f1"),
                   ("Precision", "macro_precision"), ("Recall", "macro_recall"))
@@ -109,8 +111,9 @@ def render_seeds(groups: Sequence[dict[str, Any]]) -> str:
 
 def seed_differences(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each student step with several seeds: its macro F1 minus the teacher's of the same
-    seed and, for a distilled or fine-tuned student, minus the baseline's at its resolution
-    and seed (points). A claim such as "matches the teacher" or "beats the baseline" holds
+    seed; for a distilled or fine-tuned student, minus the baseline's at its resolution and
+    seed; for one that learnt from labeled + unlabeled images, minus the same student on the
+    labeled images alone (what the unlabeled images add), where that has the seed too (points). A claim such as "matches the teacher" or "beats the baseline" holds
     across seeds only if it holds for every seed here, not just on the means."""
     def seed(row: dict[str, Any]) -> int:
         return row.get("seed", 0)
@@ -121,6 +124,7 @@ def seed_differences(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     f1 = {(row["name"], seed(row)): macro_f1(row) for row in rows}
     teacher = {seed(row): macro_f1(row) for row in rows if row["phase"] == "teacher"}
     baseline = {(float(row["mpp"]), seed(row)): macro_f1(row) for row in rows if row["phase"] == "baseline"}
+    by_method = {(row["method"], float(row["mpp"]), seed(row)): macro_f1(row) for row in rows}
 
     def difference(group: dict[str, Any], reference: Callable[[int], float | None]) -> dict[str, Any] | None:
         pairs = [(s, f1[(group["name"], s)] - ref) for s in group["seeds"] if (ref := reference(s)) is not None]
@@ -138,13 +142,17 @@ def seed_differences(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["minus_teacher"] = difference(group, teacher.get)
         entry["minus_baseline"] = (None if group["phase"] == "baseline"
                                    else difference(group, lambda s: baseline.get((mpp, s))))
+        # What the unlabeled images add: the same student distilled on the labeled ones alone.
+        labeled_only = group["method"].replace(UNLABELED, "labeled")
+        entry["minus_labeled"] = (None if UNLABELED not in group["method"]
+                                  else difference(group, lambda s: by_method.get((labeled_only, mpp, s))))
         out.append(entry)
     return out
 
 
 def render_seed_differences(rows: Sequence[dict[str, Any]]) -> str:
     """The per-seed differences of ``seed_differences`` as a Markdown table."""
-    entries = [e for e in seed_differences(rows) if e["minus_teacher"] or e["minus_baseline"]]
+    entries = [e for e in seed_differences(rows) if e["minus_teacher"] or e["minus_baseline"] or e["minus_labeled"]]
     if not entries:
         return ""
 
@@ -156,10 +164,10 @@ def render_seed_differences(rows: Sequence[dict[str, Any]]) -> str:
 
     lines = ["", "Differences within each seed (macro F1 points, the mean then each seed's; a claim holds across "
                  "seeds only where every seed agrees):", "",
-             "| Magnification | Method | − teacher | − baseline |", "|---|---|---:|---:|"]
+             "| Magnification | Method | − teacher | − baseline | − labeled only |", "|---|---|---:|---:|---:|"]
     for e in entries:
         lines.append(f"| {_escape(e['magnification'])} | {_escape(e['method'])} | {cell(e['minus_teacher'])} | "
-                     f"{cell(e['minus_baseline'])} |")
+                     f"{cell(e['minus_baseline'])} | {cell(e['minus_labeled'])} |")
     return "\n".join(lines) + "\n"
 
 

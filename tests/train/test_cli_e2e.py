@@ -178,3 +178,28 @@ def test_extra_seeds_retrain_the_headline_steps_on_the_same_split_and_the_report
     report = json.loads((out / "report" / "results.json").read_text())
     assert sorted(g["name"] for g in report["over_seeds"]) == headline
     assert "Over seeds" in (out / "report" / "results.md").read_text()
+
+
+def test_one_step_repeated_with_another_seed_lands_beside_the_run_and_joins_its_report(
+        tiny_config: Path, tmp_path: Path) -> None:
+    """``--seed`` repeats a single step (say a labeled-only student the run trained once) with
+    another training seed, into RUN/seed-K/ on the run's split, from that seed's teacher."""
+    out = tmp_path / "run"
+    _invoke(["teacher", str(tiny_config), "--out", str(out)])
+    _invoke(["baseline", str(tiny_config), "--resolution", "scan/2", "--out", str(out)])
+
+    missing = CliRunner().invoke(main, ["distill", str(tiny_config), "--resolution", "scan/2", "--seed", "3",
+                                        "--out", str(out)])
+    assert missing.exit_code != 0  # seed 3 has no teacher yet: refused, nothing distilled from seed 1's
+    assert "seed-3" in missing.output and "no finished teacher" in missing.output
+    assert not list((out / "seed-3").glob("steps/distill-*/model.safetensors"))
+
+    _invoke(["teacher", str(tiny_config), "--seed", "3", "--out", str(out)])
+    _invoke(["baseline", str(tiny_config), "--resolution", "scan/2", "--seed", "3", "--out", str(out)])
+    assert json.loads((out / "seed-3" / "steps" / "baseline-scan_2" / "metrics.json").read_text())["seed"] == 3
+    first, second = (json.loads((d / "splits.json").read_text())["items"] for d in (out, out / "seed-3"))
+    assert first == second
+    _invoke(["report", str(out)])
+    report = json.loads((out / "report" / "results.json").read_text())
+    seeds = {g["name"]: g["seeds"] for g in report["over_seeds"]}
+    assert sorted(seeds["baseline-scan_2"]) == [1, 3] and sorted(seeds["teacher-scan"]) == [1, 3]

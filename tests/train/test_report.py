@@ -207,8 +207,10 @@ def test_each_seed_is_compared_with_the_teacher_and_baseline_of_its_own_seed(row
         "teacher": (Y_TRUE, Y_PRED, [0, 0, 0, 0, 1, 1, 1, 2, 2, 1]),
         "baseline-5x": ([0, 1, 1, 2, 1, 1, 0, 2, 0, 1], Y_PRED, Y_PRED),
         "distill-5x": (Y_PRED, Y_TRUE, Y_TRUE),
+        "distill-aux-5x": (Y_TRUE, Y_PRED, [0, 1, 2, 2, 1, 0, 0, 1, 2, 1]),
     }
     template = {row["name"]: row for row in rows}
+    template["distill-aux-5x"] = {**template["distill-5x"], "method": "Distillation (labeled + unlabeled)"}
     seeded = []
     for name, by_seed in preds.items():
         t = template[name]
@@ -226,7 +228,7 @@ def test_each_seed_is_compared_with_the_teacher_and_baseline_of_its_own_seed(row
     import numpy as np
     assert main[1][-1] == f"{np.mean(teacher_f1):.1f} ± {np.std(teacher_f1, ddof=1):.1f} (3)"
     differences = _table_cells(markdown.split("Differences within each seed")[1])
-    assert differences[0] == ["Magnification", "Method", "− teacher", "− baseline"]
+    assert differences[0] == ["Magnification", "Method", "− teacher", "− baseline", "− labeled only"]
     by_method = {r[1]: r for r in differences[1:]}
     student = by_method["Distillation (labeled)"]
     minus_teacher = [f1[("distill-5x", s)] - f1[("teacher", s)] for s in range(3)]
@@ -235,8 +237,15 @@ def test_each_seed_is_compared_with_the_teacher_and_baseline_of_its_own_seed(row
     assert student[3] == f"{np.mean(minus_baseline):+.1f} (" + ", ".join(f"{d:+.1f}" for d in minus_baseline) + ")"
     assert min(minus_teacher) < 0 < max(minus_teacher)  # the case the table exists for: seeds disagree
     assert by_method["Baseline (from scratch)"][3] == "–"  # a baseline is not compared with itself
+    # What the unlabeled images add: the labeled + unlabeled student minus the labeled-only one, per seed.
+    gain = [f1[("distill-aux-5x", s)] - f1[("distill-5x", s)] for s in range(3)]
+    assert by_method["Distillation (labeled + unlabeled)"][4] == (
+        f"{np.mean(gain):+.1f} (" + ", ".join(f"{d:+.1f}" for d in gain) + ")")
+    assert student[4] == "–" and by_method["Baseline (from scratch)"][4] == "–"
     data = json.loads(write_report(seeded, tmp_path / "r", {"title": "t"})["json"].read_text())
-    assert {e["name"] for e in data["seed_differences"]} == {"baseline-5x", "distill-5x"}
+    assert {e["name"] for e in data["seed_differences"]} == {"baseline-5x", "distill-5x", "distill-aux-5x"}
+    aux = next(e for e in data["seed_differences"] if e["name"] == "distill-aux-5x")
+    assert aux["minus_labeled"]["seeds"] == 3
 
 
 def test_a_one_seed_report_keeps_its_shape(rows):
