@@ -148,8 +148,22 @@ def run(exp) -> None:
     for i, (seeded, step) in enumerate(plan, 1):
         click.echo(f"[{i}/{len(plan)}] {step.name} (seed {seeded.training_seed})", err=True)
         _train_and_evaluate(seeded, step, quiet=True)
+        if exp.runtime.is_main:  # counted step by step: an invocation stopped later keeps its time
+            started = _count_wall_time(exp, started)
     if exp.runtime.is_main:
         _write_report(exp, plan, started)
+
+
+def _count_wall_time(exp, since: float) -> float:
+    """Add the seconds since ``since`` to RUN/wall_time.json (the run's time over all its
+    invocations, the report's "Wall time"); returns now."""
+    from lowmag.io import atomic_write_text
+
+    now = time.time()
+    path = exp.run_dir / "wall_time.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0}
+    atomic_write_text(path, json.dumps({"seconds": previous["seconds"] + (now - since)}))
+    return now
 
 
 def _train_and_evaluate(exp, step, quiet: bool = False) -> None:
@@ -176,16 +190,13 @@ def _write_report(exp, plan, started: float) -> None:
     import platform
     import sys
 
-    from lowmag.io import atomic_write_text
     from lowmag.provenance import git_sha
     from lowmag.train.phases import evaluate_step
     from lowmag.train.report import write_report
 
     rows = [evaluate_step(seeded, step) for seeded, step in plan]
-    timing_path = exp.run_dir / "wall_time.json"
-    previous = json.loads(timing_path.read_text()) if timing_path.is_file() else {"seconds": 0.0}
-    total = previous["seconds"] + (time.time() - started)
-    atomic_write_text(timing_path, json.dumps({"seconds": total}))
+    _count_wall_time(exp, started)
+    total = json.loads((exp.run_dir / "wall_time.json").read_text())["seconds"]
     meta = {
         "title": f"{exp.config.name}: resolution-based distillation",
         "command": " ".join(["distill-train", *sys.argv[1:]]),

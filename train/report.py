@@ -355,7 +355,7 @@ def plot_accuracy_vs_gflops(rows: Sequence[dict[str, Any]], path: str | Path) ->
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("GFLOPs per tile (log scale)")
-    ax.set_ylabel("Accuracy (%): mean ± SD over seeds where several, else 95% CI")
+    ax.set_ylabel("Accuracy (%)\n(mean ± SD over seeds, else 95% CI)" if spread else "Accuracy (%, 95% CI)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

@@ -143,12 +143,17 @@ def test_an_interrupted_run_resumes_without_redoing_finished_steps(tiny_config: 
     command = [sys.executable, "-m", "lowmag.train.cli", "run", str(tiny_config), "--out", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 300
-    while not teacher_spec.exists() and process.poll() is None and time.time() < deadline:
+    wall_time = out / "wall_time.json"  # counted after each finished step
+    while not wall_time.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
+    assert process.poll() is None, "the run ended before its first step's time was counted"
     process.kill()  # interrupted somewhere after the teacher finished
     process.wait()
     assert teacher_spec.exists(), "the teacher step never finished"
     teacher_written = (out / "steps/teacher-scan/model.safetensors").stat().st_mtime_ns
+    # The stopped invocation's finished steps keep their time in the run's wall time.
+    before = json.loads(wall_time.read_text())["seconds"]
+    assert before > 0
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -156,6 +161,8 @@ def test_an_interrupted_run_resumes_without_redoing_finished_steps(tiny_config: 
     assert (out / "steps/teacher-scan/model.safetensors").stat().st_mtime_ns == teacher_written
     assert (out / "report/results.md").is_file()
     assert len(list((out / "steps").glob("*/metrics.json"))) == len(EXPECTED_STEPS)
+    report = json.loads((out / "report/results.json").read_text())
+    assert report["meta"]["wall_time_s"] > round(before, 1)  # both invocations counted
 
 
 def test_extra_seeds_retrain_the_headline_steps_on_the_same_split_and_the_report_gathers_them(
