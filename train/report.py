@@ -113,7 +113,8 @@ def seed_differences(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each student step with several seeds: its macro F1 minus the teacher's of the same
     seed; for a distilled or fine-tuned student, minus the baseline's at its resolution and
     seed; for one that learnt from labeled + unlabeled images, minus the same student on the
-    labeled images alone (what the unlabeled images add), where that has the seed too (points). A claim such as "matches the teacher" or "beats the baseline" holds
+    labeled images alone (what the unlabeled images add), where that has the seed too (points).
+    A claim such as "matches the teacher" or "beats the baseline" holds
     across seeds only if it holds for every seed here, not just on the means."""
     def seed(row: dict[str, Any]) -> int:
         return row.get("seed", 0)
