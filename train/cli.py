@@ -149,21 +149,22 @@ def run(exp) -> None:
         click.echo(f"[{i}/{len(plan)}] {step.name} (seed {seeded.training_seed})", err=True)
         _train_and_evaluate(seeded, step, quiet=True)
         if exp.runtime.is_main:  # counted step by step: an invocation stopped later keeps its time
-            started = _count_wall_time(exp, started)
+            now = time.time()
+            _add_wall_time(exp, now - started)
+            started = now
     if exp.runtime.is_main:
         _write_report(exp, plan, started)
 
 
-def _count_wall_time(exp, since: float) -> float:
-    """Add the seconds since ``since`` to RUN/wall_time.json (the run's time over all its
-    invocations, the report's "Wall time"); returns now."""
+def _add_wall_time(exp, seconds: float) -> float:
+    """Add ``seconds`` to RUN/wall_time.json (the run's time over all its invocations, the
+    report's "Wall time"); returns the new total."""
     from lowmag.io import atomic_write_text
 
-    now = time.time()
     path = exp.run_dir / "wall_time.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0}
-    atomic_write_text(path, json.dumps({"seconds": previous["seconds"] + (now - since)}))
-    return now
+    total = (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0) + seconds
+    atomic_write_text(path, json.dumps({"seconds": total}))
+    return total
 
 
 def _train_and_evaluate(exp, step, quiet: bool = False) -> None:
@@ -195,8 +196,7 @@ def _write_report(exp, plan, started: float) -> None:
     from lowmag.train.report import write_report
 
     rows = [evaluate_step(seeded, step) for seeded, step in plan]
-    _count_wall_time(exp, started)
-    total = json.loads((exp.run_dir / "wall_time.json").read_text())["seconds"]
+    total = _add_wall_time(exp, time.time() - started)
     meta = {
         "title": f"{exp.config.name}: resolution-based distillation",
         "command": " ".join(["distill-train", *sys.argv[1:]]),

@@ -24,6 +24,7 @@ from lowmag.train.cache import PixelCache, build_cache, build_cache_with_progres
 from lowmag.train.config import ExperimentConfig
 from lowmag.train.data import describe, scan_slide_list, split_by_group
 from lowmag.train.engine import Runtime
+from lowmag.train.report import WITH_UNLABELED
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Step:
             return "Teacher"
         if self.phase == "baseline":
             return "Baseline (from scratch)"
-        data = "labeled" if self.regime == LABELED else "labeled + unlabeled"
+        data = "labeled" if self.regime == LABELED else WITH_UNLABELED
         pixel = {"both": "", "maxpool": ", max-pool only", "bicubic": ", bicubic only", "none": ", no pixel loss"}[self.pixel]
         attention = f", + attention {self.attention_weight:g}" if self.attention_weight else ""
         prefix = "Distillation + FC fine-tune" if self.phase == "finetune" else "Distillation"

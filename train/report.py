@@ -30,8 +30,9 @@ from lowmag.metrics import format_percent_ci
 logger = logging.getLogger(__name__)
 
 PHASES = ("teacher", "baseline", "distill", "finetune")
-#: How a method name says its student learnt from labeled + unlabeled images (Step.method).
-UNLABELED = "labeled + unlabeled"
+#: How a method name says its student learnt from labeled + unlabeled images (Step.method
+#: writes it; seed_differences pairs such a student with its labeled-only twin by it).
+WITH_UNLABELED = "labeled + unlabeled"
 _REQUIRED = ("name", "phase", "method", "magnification", "mpp", "metrics")
 _TABLE_METRICS = (("Accuracy", "accuracy"), ("F1", "macro_f1"),
                   ("Precision", "macro_precision"), ("Recall", "macro_recall"))
@@ -144,8 +145,8 @@ def seed_differences(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["minus_baseline"] = (None if group["phase"] == "baseline"
                                    else difference(group, lambda s: baseline.get((mpp, s))))
         # What the unlabeled images add: the same student distilled on the labeled ones alone.
-        labeled_only = group["method"].replace(UNLABELED, "labeled")
-        entry["minus_labeled"] = (None if UNLABELED not in group["method"]
+        labeled_only = group["method"].replace(WITH_UNLABELED, "labeled")
+        entry["minus_labeled"] = (None if WITH_UNLABELED not in group["method"]
                                   else difference(group, lambda s: by_method.get((labeled_only, mpp, s))))
         out.append(entry)
     return out

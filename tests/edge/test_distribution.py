@@ -136,7 +136,7 @@ def test_the_slide_statistics_gathered_beside_inference_are_those_of_all_its_til
                                  PipelineConfig(max_piece_px=64))
     path = slides_dir / "aperio" / "CMU-1-Small-Region.svs"
     result = classifier.classify(path)
-    assert sum(piece.tiles for piece in result.pieces) > 4  # several tiles: the order matters to the medians
+    assert sum(piece.tiles for piece in result.pieces) > 4  # several tiles: one left out would move the statistics
     stats = classifier.fingerprint.stats()
     with open_slide(path) as slide:
         for piece in result.pieces:
