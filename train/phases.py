@@ -133,7 +133,8 @@ def _load_teacher(exp: Experiment) -> ResNet:
     teacher_step = Step("teacher", exp.config.teacher_resolution)
     folder = exp.step_dir(teacher_step)
     if not is_complete(folder):
-        raise LowmagError(f"{folder}: no finished teacher; run `distill-train teacher` (or `run`) first")
+        seeded = f" --seed {exp.training_seed}" if exp.training_seed != exp.config.seed else ""
+        raise LowmagError(f"{folder}: no finished teacher; run `distill-train teacher{seeded}` (or `run`) first")
     teacher, _ = load_checkpoint(folder)
     teacher = exp.runtime.prepare(teacher).eval()
     for p in teacher.parameters():

@@ -199,6 +199,7 @@ def test_one_step_repeated_with_another_seed_lands_beside_the_run_and_joins_its_
                                         "--out", str(out)])
     assert missing.exit_code != 0  # seed 3 has no teacher yet: refused, nothing distilled from seed 1's
     assert "seed-3" in missing.output and "no finished teacher" in missing.output
+    assert "distill-train teacher --seed 3" in missing.output  # the fix, for this seed
     assert not list((out / "seed-3").glob("steps/distill-*/model.safetensors"))
 
     _invoke(["teacher", str(tiny_config), "--seed", "3", "--out", str(out)])
