@@ -105,7 +105,11 @@ class EvaluationConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1
-    bf16: bool = True  # autocast on CUDA; ignored on CPU
+    # bf16 autocast on CUDA (ignored on CPU). Off by default: on an H200 (torch 2.11) it made
+    # every step of the recipe slower, 1.11-1.48x (GroupNorm runs in float32 under autocast, so
+    # the small ResNets pay casts and gain nothing; docs/gpu-check.md), and float32 keeps
+    # GPU runs numerically closest to the published CPU runs.
+    bf16: bool = False
     channels_last: bool = True
     workers: int = 0
     threads: int = 0  # CPU threads, 0 = torch default

@@ -106,12 +106,22 @@ def make_runtime(config: RuntimeConfig) -> Runtime:
 
             raise LowmagError("runtime.device asks for CUDA but torch sees no GPU; use device = \"cpu\"")
         if world_size > 1:
+            gpus = torch.cuda.device_count()
+            if local_rank >= gpus:
+                from lowmag.errors import LowmagError
+
+                per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world_size))
+                raise LowmagError(f"torchrun started {per_node} processes on this machine but torch sees {gpus} "
+                                  f"GPU(s); run one process per GPU: --nproc_per_node={gpus}")
             device = torch.device("cuda", local_rank)
+        elif device.index is None:  # torch.cuda.set_device refuses a bare "cuda"
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = False
     if world_size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
+        # NCCL is told its GPU, instead of guessing it from the rank (it warns of a hang otherwise).
+        torch.distributed.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     # Channels-last pays off on GPUs; on CPUs it was slower at the tile sizes measured.
     channels_last = config.channels_last and device.type == "cuda"
     return Runtime(device, rank, world_size, config.bf16, channels_last, config.workers)

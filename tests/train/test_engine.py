@@ -35,8 +35,10 @@ def _train(classes, dataset, epochs: int, workdir: Path, mixup: float = 0.0):
 
 
 @pytest.mark.parametrize("mixup", [0.0, 0.4])
-def test_a_step_stopped_after_epoch_one_continues_as_if_never_stopped(tiny_images: Path, tmp_path: Path,
-                                                                      mixup: float) -> None:
+def test_a_step_stopped_after_epoch_one_continues_as_if_never_stopped(one_torch_thread, tiny_images: Path,
+                                                                      tmp_path: Path, mixup: float) -> None:
+    # One torch thread: with two, about 1 run in 10 on an Intel Xeon split a reduction
+    # differently and the straight run's second-epoch loss moved by 1.8e-3, resume or not.
     classes, dataset = _setup(tiny_images, tmp_path / "cache")
     straight = _train(classes, dataset, 2, tmp_path / "straight", mixup)
 
@@ -110,3 +112,33 @@ def test_the_label_loss_of_a_mixup_batch_is_the_blend_of_both_labels_losses():
     expected = 0.7 * F.cross_entropy(logits, a, label_smoothing=0.1) + 0.3 * F.cross_entropy(logits, b, label_smoothing=0.1)
     assert torch.allclose(blended, expected)
     assert torch.allclose(step(model, [torch.zeros(4)], Mixed(a, b, 1.0)), step(model, [torch.zeros(4)], a))
+
+
+def test_torchrun_with_more_processes_than_gpus_is_told_how_many_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two processes on a one-GPU machine: the second would ask for cuda:1 and die in torch
+    # with "invalid device ordinal"; it is told the --nproc_per_node that fits instead.
+    from lowmag.errors import LowmagError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(LowmagError, match=r"started 2 processes .* sees 1 GPU\(s\).*--nproc_per_node=1"):
+        make_runtime(RuntimeConfig(device="cuda"))
+
+
+def test_a_plain_cuda_device_gets_its_index_before_torch_is_told_to_use_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.cuda.set_device(torch.device("cuda")) raises "Expected a torch.device with a
+    # specified index"; every CUDA run failed so on the first GPU it met (an H200, torch 2.11).
+    from torch._utils import _get_device_index
+
+    told = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: told.append(_get_device_index(device)))
+    for asked in ("cuda", "auto"):
+        runtime = make_runtime(RuntimeConfig(device=asked))
+        assert str(runtime.device) == "cuda:0" and runtime.channels_last and not runtime.bf16
+    assert told == [0, 0]

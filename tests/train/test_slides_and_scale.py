@@ -96,7 +96,8 @@ def test_torchrun_with_two_processes_trains_one_model(tiny_config: Path, tmp_pat
 
 @pytest.mark.gpu
 def test_cuda_bf16_channels_last_run(tiny_config: Path, tmp_path: Path) -> None:
-    tiny_config.write_text(tiny_config.read_text().replace('device = "cpu"', 'device = "cuda"'))
+    # bf16 autocast is off by default (slower on the H200 it was measured on); asked for, it runs.
+    tiny_config.write_text(tiny_config.read_text().replace('device = "cpu"', 'device = "cuda"\nbf16 = true'))
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["run", str(tiny_config), "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
