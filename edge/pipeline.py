@@ -62,7 +62,7 @@ from lowmag.reader import DEFAULT_MAX_SOURCE_PIXELS, Region, output_size, read_a
 from lowmag.runtimes import Session, logits_of, softmax
 from lowmag.slide import Slide, SlideInfo, open_slide
 from lowmag.fingerprint import Fingerprint, StainStats, Verdict
-from lowmag.tissue import Modality, TissueBox, TissueParams, colour_saturation, find_tissue
+from lowmag.tissue import Modality, TissueBox, TissueParams, colour_saturation, find_tissue_checked_beside
 
 logger = logging.getLogger("lowmag.edge")
 T = TypeVar("T")
@@ -410,7 +410,11 @@ class SlideClassifier:
             info = slide.info
             self._check_resolution(info)
             with timer.stage("tissue"):
-                boxes, overview, modality = find_tissue(slide, config.tissue, config.decode_budget, should_stop)
+                # The pyramid check of the levels the overview and the model need runs on a
+                # second handle beside the tissue step, on the other core.
+                boxes, overview, modality = find_tissue_checked_beside(
+                    slide, lambda: open_slide(path, assume_mpp=config.assume_mpp), self.target_mpp, config.tissue,
+                    config.decode_budget, should_stop)
             if not modality.brightfield and config.ood == "refuse":
                 raise OutOfDistributionError(path, f"{modality.reason}; the model was trained on brightfield "
                                              "stained tissue.", "route this slide to a model made for it.")

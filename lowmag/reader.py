@@ -26,9 +26,11 @@ waits for a whole slide to decode.
 from __future__ import annotations
 
 import math
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Iterator, MutableMapping
+from typing import Callable, Hashable, Iterator, MutableMapping, TypeVar
 
 import numpy as np
 
@@ -36,6 +38,8 @@ from lowmag.errors import Interrupted, SlideReadError, SlideTooLargeError
 from lowmag.names import shown
 from lowmag.resolution import Resolution
 from lowmag.slide import LevelInfo, Slide
+
+T = TypeVar("T")
 
 #: Names the reading recipe above; bump it whenever the pixels it yields change.
 PREPROCESSING_VERSION = "lowmag-read-1"
@@ -266,6 +270,61 @@ def verify_pyramid(slide: Slide, budget: _Budget | None = None, up_to_mpp: float
         slide.pyramid_reference = reference.index
     slide.pyramid_verified = True
     return slide.unreadable_levels
+
+
+def with_pyramid_checked_beside(slide: Slide, reopen: Callable[[], Slide], up_to_mpp: float, work: Callable[[], T],
+                                levels_used: Callable[[], Hashable],
+                                max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
+                                should_stop: Callable[[], bool] | None = None) -> T:
+    """``work()`` on ``slide`` while its pyramid check (``verify_pyramid`` up to ``up_to_mpp``)
+    runs on a second handle (``reopen()``) in a thread: the check's decoding then overlaps
+    the work's instead of preceding it (on the CMU-1 TIFF, 93 -> 69 ms for the tissue step
+    and the 1.25x student's levels).
+
+    The work reads the levels as if they were sound (falling back from a level that fails to
+    decode, as any read does). Then the check's verdict becomes the slide's, and the work
+    runs again if what it chose (``levels_used()``, called after the work and after the
+    verdict) changed with it: a level found unusable is never used for a result. An error of
+    the check (a reference level that cannot be decoded, a stop) is raised after the work's
+    own. A slide whose check has already begun, or that has one level, just runs ``work()``.
+    """
+    if slide.pyramid_verified or slide.pyramid_checked_through or slide.unreadable_levels \
+            or len(slide.info.levels) == 1:
+        return work()
+    budget = _Budget(max_source_pixels, should_stop)
+
+    def check() -> tuple[frozenset[int], bool, int, int]:
+        with reopen() as other:
+            verify_pyramid(other, budget, up_to_mpp)
+            return (other.unreadable_levels, other.pyramid_verified, other.pyramid_checked_through,
+                    other.pyramid_reference)
+
+    future: Future[tuple[frozenset[int], bool, int, int]] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(check())
+        except BaseException as error:  # raised to the caller below
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="lowmag-pyramid-check", daemon=True).start()
+    slide.pyramid_verified = True  # reads take the levels as they are until the verdict
+    try:
+        result = work()
+    except BaseException:
+        future.exception()  # the thread's handle is closed before the work's error leaves
+        slide.pyramid_verified = False
+        raise
+    slide.pyramid_verified = False
+    chosen = levels_used()  # with the levels the work itself found undecodable
+    unreadable, verified, through, reference = future.result()
+    # The thread's slide logged each unusable level; a level the work itself found
+    # undecodable is already marked (and its handle reopened).
+    slide.unreadable_levels = slide.unreadable_levels | unreadable
+    # (verify_pyramid compares further levels with a finer one if the work found the
+    # reference undecodable.)
+    slide.pyramid_verified, slide.pyramid_checked_through, slide.pyramid_reference = verified, through, reference
+    return work() if levels_used() != chosen else result
 
 
 def _level_matches(slide: Slide, level: LevelInfo, reference: LevelInfo, budget: _Budget) -> bool:

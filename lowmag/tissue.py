@@ -19,7 +19,8 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from lowmag.names import shown
-from lowmag.reader import DEFAULT_MAX_SOURCE_PIXELS, Region, mpp_for_longest_side, read_at_mpp
+from lowmag.reader import (DEFAULT_MAX_SOURCE_PIXELS, Region, choose_level, mpp_for_longest_side, read_at_mpp,
+                           with_pyramid_checked_beside)
 from lowmag.slide import Slide
 
 logger = logging.getLogger(__name__)
@@ -237,6 +238,24 @@ class TissueFinding(NamedTuple):
 def locate_tissue(slide: Slide, params: TissueParams = TissueParams()) -> list[TissueBox]:
     """Bounding boxes of the tissue pieces, top to bottom then left to right."""
     return find_tissue(slide, params).boxes
+
+
+def find_tissue_checked_beside(slide: Slide, reopen: Callable[[], Slide], up_to_mpp: float,
+                               params: TissueParams = TissueParams(),
+                               max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
+                               should_stop: Callable[[], bool] | None = None) -> TissueFinding:
+    """``find_tissue`` while the pyramid check of every level up to ``up_to_mpp`` (coarser or
+    finer than the overview: give the model's µm/px) runs on a second handle, ``reopen()``,
+    beside it. The answer is ``find_tissue``'s: it is found again when the check rules out
+    the level the overview was read from (``reader.with_pyramid_checked_beside``)."""
+    def levels_used() -> tuple[float, int]:
+        mpp = analysis_mpp(slide, params)
+        return mpp, choose_level(slide, mpp)
+
+    return with_pyramid_checked_beside(
+        slide, reopen, max(up_to_mpp, analysis_mpp(slide, params)),
+        lambda: find_tissue(slide, params, max_source_pixels, should_stop), levels_used,
+        max_source_pixels, should_stop)
 
 
 def find_tissue(slide: Slide, params: TissueParams = TissueParams(),
