@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lowmag.bundle import Bundle, load_bundle
+from lowmag.concurrency import in_background
 from lowmag.edge.backends import (
     BackendChoice, choose_backend, open_session, openvino_gpu_available, ort_cuda_available, tensorrt_available,
 )
 from lowmag.edge.batch import units_of
 from lowmag.edge.flops import bundle_gflops, model_gflops
 from lowmag.edge.pipeline import (
-    MIN_INPUT_SIDE, PipelineConfig, SlideClassifier, Timer, content_hash, in_background, pad_to, tile_regions,
+    MIN_INPUT_SIDE, PipelineConfig, SlideClassifier, Timer, content_hash, pad_to, tile_regions,
     tiles_to_run, timed_read, tissue_fraction,
 )
 from lowmag.edge.results import write_slide_outputs

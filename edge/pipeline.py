@@ -45,11 +45,10 @@ import os
 import stat
 import threading
 import time
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -62,10 +61,10 @@ from lowmag.reader import DEFAULT_MAX_SOURCE_PIXELS, Region, output_size, read_a
 from lowmag.runtimes import Session, logits_of, softmax
 from lowmag.slide import Slide, SlideInfo, open_slide
 from lowmag.fingerprint import Fingerprint, StainStats, Verdict
+from lowmag.concurrency import in_background
 from lowmag.tissue import Modality, TissueBox, TissueParams, colour_saturation, find_tissue_checked_beside
 
 logger = logging.getLogger("lowmag.edge")
-T = TypeVar("T")
 
 #: The smallest side export-student traces graphs for (export.onnx_graph.MIN_SIDE).
 MIN_INPUT_SIDE = 16
@@ -218,20 +217,6 @@ def _combined(named: Sequence[tuple[str, str]]) -> str:
     for name, sha256 in named:
         digest.update(f"{name}  {sha256}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
-
-
-def in_background(job: Callable[[], T]) -> "Future[T]":
-    """Run ``job`` in a daemon thread now; its result (or exception) comes from the future."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(job())
-        except BaseException as error:  # handed to whoever waits on the future
-            future.set_exception(error)
-
-    threading.Thread(target=run, name="lowmag-hash", daemon=True).start()
-    return future
 
 
 class Prefetched:
@@ -390,7 +375,7 @@ class SlideClassifier:
         if content is None:
             names = list(files) if files else ([path] if path.is_file() else sorted(path.iterdir()))
             content = lambda: (*content_hash(names), len(names))  # noqa: E731 - the job for the thread
-        hashing = in_background(content) if callable(content) else None
+        hashing = in_background(content, "lowmag-hash") if callable(content) else None
         try:
             result = self._classify(path, should_stop, timer)
         except BaseException as error:

@@ -26,14 +26,13 @@ waits for a whole slide to decode.
 from __future__ import annotations
 
 import math
-import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterator, MutableMapping, TypeVar
 
 import numpy as np
 
+from lowmag.concurrency import in_background
 from lowmag.errors import Interrupted, SlideReadError, SlideTooLargeError
 from lowmag.names import shown
 from lowmag.resolution import Resolution
@@ -299,15 +298,7 @@ def with_pyramid_checked_beside(slide: Slide, reopen: Callable[[], Slide], up_to
             return (other.unreadable_levels, other.pyramid_verified, other.pyramid_checked_through,
                     other.pyramid_reference)
 
-    future: Future[tuple[frozenset[int], bool, int, int]] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(check())
-        except BaseException as error:  # raised to the caller below
-            future.set_exception(error)
-
-    threading.Thread(target=run, name="lowmag-pyramid-check", daemon=True).start()
+    future = in_background(check, "lowmag-pyramid-check")
     slide.pyramid_verified = True  # reads take the levels as they are until the verdict
     try:
         result = work()

@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from lowmag.concurrency import in_background
 from lowmag.names import shown
 from lowmag.reader import (DEFAULT_MAX_SOURCE_PIXELS, Region, choose_level, mpp_for_longest_side, read_at_mpp,
                            with_pyramid_checked_beside)
@@ -170,11 +171,13 @@ GREYSCALE_SATURATION = 0.05
 GREYSCALE_TISSUE_SHARE = 0.02
 
 
-def overview_modality(rgb: np.ndarray, params: TissueParams | None = None) -> Modality:
-    """Brightfield, dark-background or greyscale, judged on the whole-slide overview."""
+def overview_modality(rgb: np.ndarray, params: TissueParams | None = None,
+                      saturation: np.ndarray | None = None) -> Modality:
+    """Brightfield, dark-background or greyscale, judged on the whole-slide overview
+    (``saturation``: its ``colour_saturation``, when the caller has it)."""
     params = params or TissueParams()
     light = brightness(rgb)
-    saturation = colour_saturation(rgb)
+    saturation = colour_saturation(rgb) if saturation is None else saturation
     high = channel_max(rgb)
     dark = high < 50
     glass = float(((high > 200) & (saturation < 0.1)).mean())
@@ -195,17 +198,18 @@ def overview_modality(rgb: np.ndarray, params: TissueParams | None = None) -> Mo
 
 
 def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams(),
-                modality: Modality | None = None) -> np.ndarray:
+                modality: Modality | None = None, saturation: np.ndarray | None = None) -> np.ndarray:
     """Boolean tissue mask of an RGB image at ``mpp`` (before removing small pieces).
 
     Brightfield: coloured pixels (saturation above Otsu's threshold). On a dark background
     the signal is what is brighter than it, on a greyscale slide what is darker than it, so
-    neither becomes one box covering the whole slide."""
+    neither becomes one box covering the whole slide. ``saturation``: the image's
+    ``colour_saturation``, when the caller has it."""
     import pyvips
 
     kind = modality.kind if modality is not None else "brightfield"
     if kind == "brightfield":
-        signal = colour_saturation(rgb)
+        signal = colour_saturation(rgb) if saturation is None else saturation
     else:
         light = brightness(rgb) / 255.0
         signal = light if kind == "dark-background" else 1.0 - light
@@ -273,10 +277,16 @@ def find_tissue(slide: Slide, params: TissueParams = TissueParams(),
     info = slide.info
     mpp = analysis_mpp(slide, params)
     rgb = read_at_mpp(slide, mpp, max_source_pixels=max_source_pixels, should_stop=should_stop)
-    modality = overview_modality(rgb, params)
+    saturation = colour_saturation(rgb)
+    # The modality is judged on the other core while the brightfield mask is computed (most
+    # slides are brightfield; on the CMU-1 region 9 of the step's 70 ms); another modality
+    # computes its own mask after.
+    judging = in_background(lambda: overview_modality(rgb, params, saturation), "lowmag-modality")
+    mask = tissue_mask(rgb, mpp, params, None, saturation)
+    modality = judging.result()
     if not modality.brightfield:
         logger.info("%s: %s", shown(info.path), modality.reason)
-    mask = tissue_mask(rgb, mpp, params, modality)
+        mask = tissue_mask(rgb, mpp, params, modality)
     if not mask.any():
         return TissueFinding([], rgb, modality)
     labels = pyvips.Image.new_from_array(mask.astype(np.uint8)).labelregions().numpy()
