@@ -132,3 +132,13 @@ def test_an_onnx_bundle_on_openvino_computes_in_f32_as_its_gate_did(onnx_bundle)
     session = open_session(bundle, choose_backend(bundle, "openvino"), threads=1)
     precision = str(session.compiled.get_property("INFERENCE_PRECISION_HINT"))
     assert "float32" in precision or "f32" in precision, precision  # not bf16 on CPUs that have it
+
+
+def test_onnx_runtime_workers_do_not_spin_between_runs(onnx_bundle):
+    # Spinning workers took the core the next piece's read needs (README: threads).
+    from lowmag.edge.backends import open_session
+
+    bundle = load_bundle(onnx_bundle)
+    session = open_session(bundle, choose_backend(bundle, "onnxruntime"))
+    options = session.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
