@@ -304,9 +304,9 @@ def with_pyramid_checked_beside(slide: Slide, reopen: Callable[[], Slide], up_to
         result = work()
     except BaseException:
         future.exception()  # the thread's handle is closed before the work's error leaves
-        slide.pyramid_verified = False
         raise
-    slide.pyramid_verified = False
+    finally:
+        slide.pyramid_verified = False
     chosen = levels_used()  # with the levels the work itself found undecodable
     unreadable, verified, through, reference = future.result()
     # The thread's slide logged each unusable level; a level the work itself found

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowmag.errors import LowmagError
 from lowmag.io import atomic_write_bytes
 from lowmag.train.config import PhaseConfig, RuntimeConfig
 from lowmag.train.datasets import MultiResolutionDataset, make_loader
@@ -102,14 +103,10 @@ def make_runtime(config: RuntimeConfig) -> Runtime:
     device = torch.device(wanted)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            from lowmag.errors import LowmagError
-
             raise LowmagError("runtime.device asks for CUDA but torch sees no GPU; use device = \"cpu\"")
         if world_size > 1:
             gpus = torch.cuda.device_count()
             if local_rank >= gpus:
-                from lowmag.errors import LowmagError
-
                 per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world_size))
                 raise LowmagError(f"torchrun started {per_node} processes on this machine but torch sees {gpus} "
                                   f"GPU(s); run one process per GPU: --nproc_per_node={gpus}")
