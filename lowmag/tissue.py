@@ -339,8 +339,8 @@ def _gradient(rgb: np.ndarray) -> np.ndarray:
 
 def _otsu(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of values in [0, 1]."""
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    hist = hist.astype(np.float64)
+    hist = _histogram01(values, bins)
+    edges = np.linspace(0.0, 1.0, bins + 1)
     total = hist.sum()
     if total == 0:
         return 1.0
@@ -352,6 +352,22 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1e-12)
     between = weight0 * weight1 * (mean0 - mean1) ** 2
     return float(centers[int(np.argmax(between))])
+
+
+def _histogram01(values: np.ndarray, bins: int) -> np.ndarray:
+    """``np.histogram(values, bins, range=(0, 1))[0]`` as float64, for float32 ``values`` and
+    a power-of-two ``bins``: a value's bin is floor(value * bins) (exact: scaling by a power
+    of two loses nothing, and the edges k / bins are exact), the last bin closed, values
+    outside [0, 1] left out. One bincount instead of numpy's general search (10 -> 3 ms on
+    a 1.2 Mpx overview)."""
+    flat = np.ravel(values)
+    if flat.dtype != np.float32 or bins & (bins - 1):
+        return np.histogram(flat, bins=bins, range=(0.0, 1.0))[0].astype(np.float64)
+    inside = flat[(flat >= 0.0) & (flat <= 1.0)] if flat.size and not (flat.min() >= 0.0 and flat.max() <= 1.0) \
+        else flat
+    index = (inside * np.float32(bins)).astype(np.intp)
+    np.minimum(index, bins - 1, out=index)
+    return np.bincount(index, minlength=bins).astype(np.float64)
 
 
 def _disk(radius: int) -> np.ndarray:

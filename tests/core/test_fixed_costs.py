@@ -41,6 +41,24 @@ def test_compositing_blends_only_what_is_transparent_and_matches_the_full_formul
     opaque = rgba.copy()
     opaque[..., 3] = 255
     assert np.array_equal(_composite(opaque, (0, 0, 0)), opaque[..., :3])
+    column = opaque.copy()  # a transparent right column, and one half-transparent pixel far from it
+    column[:, -1, 3] = 0
+    column[5, 7, 3] = 100
+    assert np.array_equal(_composite(column, (250, 240, 230)), plain_composite(column, (250, 240, 230)))
+
+
+def test_otsus_histogram_equals_numpys_on_bin_edges_and_outside_values():
+    from lowmag.tissue import _histogram01
+
+    edges = (np.arange(257) / 256).astype(np.float32)
+    values = np.concatenate([
+        np.random.default_rng(5).random(50_000, dtype=np.float32), edges,
+        np.nextafter(edges, np.float32(-1)), np.nextafter(edges, np.float32(2)),
+        np.float32([-0.25, 1.5, np.nan, np.inf]),
+    ])
+    for sample in (values, values[:50_000], values[-7 * 1000:].reshape(-1, 7)[:, :5]):
+        expected = np.histogram(sample, bins=256, range=(0.0, 1.0))[0].astype(np.float64)
+        assert np.array_equal(_histogram01(sample, 256), expected)
 
 
 def test_saturation_and_brightness_equal_the_float_formulas_on_every_value():
