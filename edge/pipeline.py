@@ -57,7 +57,7 @@ from lowmag.edge.scan import CheckedFile
 from lowmag.errors import Interrupted, LowmagError, SlideError, SlideReadError, SlideTooLargeError
 from lowmag.io import sha256_fd, sha256_file
 from lowmag.names import shown
-from lowmag.reader import DEFAULT_MAX_SOURCE_PIXELS, Region, output_size, read_at_mpp
+from lowmag.reader import DEFAULT_MAX_SOURCE_PIXELS, Region, choose_level, output_size, read_at_mpp
 from lowmag.runtimes import Session, logits_of, softmax
 from lowmag.slide import Slide, SlideInfo, open_slide
 from lowmag.fingerprint import Fingerprint, StainStats, Verdict
@@ -400,6 +400,8 @@ class SlideClassifier:
                 boxes, overview, modality = find_tissue_checked_beside(
                     slide, lambda: open_slide(path, assume_mpp=config.assume_mpp), self.target_mpp, config.tissue,
                     config.decode_budget, should_stop)
+            if choose_level(slide, self.target_mpp) != 0:
+                slide.decoded_level0 = None  # the pieces come from a coarser level: free it now
             if not modality.brightfield and config.ood == "refuse":
                 raise OutOfDistributionError(path, f"{modality.reason}; the model was trained on brightfield "
                                              "stained tissue.", "route this slide to a model made for it.")

@@ -121,6 +121,7 @@ def read_at_mpp(
     timings: MutableMapping[str, float] | None = None,
     max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
     should_stop: Callable[[], bool] | None = None,
+    keep_level0: bool = False,
 ) -> np.ndarray:
     """RGB uint8 array (H, W, 3) of the slide (or a level-0 ``region``) at ``target``.
 
@@ -131,13 +132,16 @@ def read_at_mpp(
     box-averaging plus Lanczos (``resample``), for the edge runner's per-stage times.
     ``max_source_pixels`` refuses a read that would decode more source pixels than that
     (the pyramid check's windows included); ``should_stop`` is asked before each block and
-    raises ``Interrupted`` when it returns True.
+    raises ``Interrupted`` when it returns True. ``keep_level0``: when this read decodes
+    level 0 whole in one block, keep those pixels on the slide (``Slide.decoded_level0``) for
+    later level-0 reads to slice: the tissue overview of a slide whose coarser levels are
+    missing or unusable is then decoded once for the overview and the model's pieces.
     """
     started = time.perf_counter()
     decode = [0.0]
     budget = _Budget(max_source_pixels, should_stop, stripe_pixels)
     try:
-        return _read_at_mpp(slide, target, region, exact, max_output_pixels, budget, decode)
+        return _read_at_mpp(slide, target, region, exact, max_output_pixels, budget, decode, keep_level0)
     finally:
         if timings is not None:
             total = time.perf_counter() - started
@@ -180,6 +184,7 @@ def _read_at_mpp(
     max_output_pixels: int | None,
     budget: _Budget,
     decode: list[float],
+    keep: bool = False,
 ) -> np.ndarray:
     target_mpp = resolve_target_mpp(slide, target)
     info = slide.info
@@ -201,7 +206,7 @@ def _read_at_mpp(
     while True:
         level = info.levels[0 if exact else choose_level(slide, target_mpp)]
         try:
-            return _read_from_level(slide, level.index, region, out_w, out_h, budget, decode, "reading it")
+            return _read_from_level(slide, level.index, region, out_w, out_h, budget, decode, "reading it", keep)
         except SlideReadError as error:
             # Some files have pyramid levels OpenSlide cannot decode (e.g. DICOM series
             # whose edge frames are not padded to the tile size): fall back to finer levels.
@@ -221,7 +226,7 @@ def level_window(level: LevelInfo, region: Region) -> tuple[int, int, int, int]:
 
 def _read_from_level(
     slide: Slide, level_index: int, region: Region, out_w: int, out_h: int, budget: _Budget,
-    decode: list[float] | None = None, what: str = "reading it",
+    decode: list[float] | None = None, what: str = "reading it", keep: bool = False,
 ) -> np.ndarray:
     lx, ly, lw, lh = level_window(slide.info.levels[level_index], region)
     budget.check_size(slide, level_index, lw, lh, what)
@@ -229,7 +234,7 @@ def _read_from_level(
     factor = min(lw / out_w, lh / out_h)
     k = max(1, int(factor // 2))
     decode = decode if decode is not None else [0.0]
-    shrunk = _read_box_shrunk(slide, level_index, lx, ly, lw, lh, k, budget, decode)
+    shrunk = _read_box_shrunk(slide, level_index, lx, ly, lw, lh, k, budget, decode, keep)
     return _lanczos_to(shrunk, out_w, out_h)
 
 
@@ -395,20 +400,30 @@ def _blocks(height: int, width: int, k: int, block_pixels: int) -> Iterator[tupl
 
 
 def _read_box_shrunk(
-    slide: Slide, level: int, lx: int, ly: int, lw: int, lh: int, k: int, budget: _Budget, decode: list[float]
+    slide: Slide, level: int, lx: int, ly: int, lw: int, lh: int, k: int, budget: _Budget, decode: list[float],
+    keep: bool = False,
 ) -> np.ndarray:
-    """Read a level region block by block, box-averaging each k x k square."""
+    """Read a level region block by block, box-averaging each k x k square. Level-0 blocks
+    come from ``slide.decoded_level0`` when it holds them; ``keep``: a read of the whole of
+    level 0 in one block is kept there (at most one block's pixels, ``budget.block_pixels``)."""
     out_w, out_h = lw // k, lh // k
     if out_w == 0 or out_h == 0:  # k <= factor / 2 keeps this from happening
         raise ValueError(f"region {lw}x{lh} is smaller than the {k}x{k} box")
     out = np.empty((out_h, out_w, 3), np.uint8)
+    kept = slide.decoded_level0 if level == 0 else None
     for top, rows, left, columns in _blocks(out_h * k, out_w * k, k, budget.block_pixels):
         budget.check_stop(slide)
-        tick = time.perf_counter()
-        try:
-            block = slide.read_region(level, lx + left, ly + top, columns, rows)
-        finally:
-            decode[0] += time.perf_counter() - tick
+        x, y = lx + left, ly + top
+        if kept is not None and x + columns <= kept.shape[1] and y + rows <= kept.shape[0]:
+            block = kept[y:y + rows, x:x + columns]  # the very pixels a read would decode
+        else:
+            tick = time.perf_counter()
+            try:
+                block = slide.read_region(level, x, y, columns, rows)
+            finally:
+                decode[0] += time.perf_counter() - tick
+            if keep and level == 0 and (x, y, columns, rows) == (0, 0, out_w * k, out_h * k):
+                slide.decoded_level0 = block
         if k > 1:
             block = box_mean(block, k)
         out[top // k:(top + rows) // k, left // k:(left + columns) // k] = block

@@ -93,6 +93,10 @@ class Slide:
     #: coarsest verified level the next one is compared with.
     pyramid_checked_through: int = 0
     pyramid_reference: int = 0
+    #: Level 0 as decoded whole by a read that asked to keep it (the tissue overview of a
+    #: slide without a usable coarser level), for later reads of level 0 to slice instead
+    #: of decoding again; ``lowmag.reader`` sets and uses it, its owner drops it (None).
+    decoded_level0: np.ndarray | None = None
 
     def mark_level_unreadable(self, level: int, error: Exception) -> None:
         """Record that ``level`` cannot be decoded, so reads fall back to finer levels."""
@@ -120,6 +124,7 @@ class Slide:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.decoded_level0 = None
         self.close()
 
     def __repr__(self) -> str:

@@ -276,7 +276,9 @@ def find_tissue(slide: Slide, params: TissueParams = TissueParams(),
 
     info = slide.info
     mpp = analysis_mpp(slide, params)
-    rgb = read_at_mpp(slide, mpp, max_source_pixels=max_source_pixels, should_stop=should_stop)
+    # A slide with no usable level coarser than level 0 (one-level SVS, the DICOM series with
+    # unusable levels) keeps its decoded level 0 for the model's pieces to slice.
+    rgb = read_at_mpp(slide, mpp, max_source_pixels=max_source_pixels, should_stop=should_stop, keep_level0=True)
     saturation = colour_saturation(rgb)
     # The modality is judged on the other core while the brightfield mask is computed (most
     # slides are brightfield; on the CMU-1 region 9 of the step's 70 ms); another modality

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from lowmag.draw import draw_boxes
-from lowmag.reader import read_at_mpp, verify_pyramid
-from lowmag.slide import _composite, open_slide
+from lowmag.reader import choose_level, read_at_mpp, verify_pyramid
+from lowmag.slide import Slide, _composite, open_slide
 from lowmag.tissue import TissueBox, TissueParams, analysis_mpp, brightness, colour_saturation, find_tissue
 
 from tests.core.test_pyramid_check import DamagedLevel
@@ -255,3 +255,69 @@ def test_the_mask_morphology_step_by_step_equals_the_lazy_chain():
         got = tissue_mask(rgb, mpp, params)
         assert got.any() and not got.all()
         assert np.array_equal(got, lazy), mpp
+
+
+class NoMoreDecoding(Slide):
+    """A slide that counts its reads of level 0 and can be told to refuse them."""
+
+    def __init__(self, path):
+        self._slide = open_slide(path)
+        self.info = self._slide.info
+        self.level0_reads = 0
+        self.refuse = False
+
+    def read_region(self, level, x, y, w, h):
+        if level == 0:
+            assert not self.refuse, "level 0 decoded again"
+            self.level0_reads += 1
+        return self._slide.read_region(level, x, y, w, h)
+
+    def mark_level_unreadable(self, level, error):
+        super().mark_level_unreadable(level, error)
+        self._slide.mark_level_unreadable(level, error)  # reopens a handle a failed read left in error
+
+    def close(self):
+        self._slide.close()
+
+
+def _one_level_slide(tmp_path):
+    import pyvips
+
+    from lowmag.synthetic import default_blobs, synthetic_pixels
+
+    path = tmp_path / "one-level.tif"  # a scanner's single-level export: no coarser level at all
+    pixels = synthetic_pixels(1500, 1100, default_blobs(1500, 1100), seed=4)
+    pyvips.Image.new_from_array(pixels, interpretation="srgb").tiffsave(
+        str(path), tile=True, tile_width=256, tile_height=256, compression="jpeg", Q=90, xres=2000.0, yres=2000.0,
+        resunit="cm")
+    return path
+
+
+@pytest.mark.parametrize("where", ["synthetic", "svs", "dicom"])
+def test_level0_decoded_for_the_overview_is_sliced_for_the_pieces_with_the_same_pixels(tmp_path, where):
+    """A slide without a usable coarser level decodes level 0 once: the model's pieces are cut
+    from the overview's decode, pixel for pixel what reading them again gives."""
+    from lowmag.edge.pipeline import PipelineConfig, tile_regions
+    from lowmag.reader import output_size
+
+    if where == "synthetic":
+        path = _one_level_slide(tmp_path)
+    else:
+        from tests.conftest import SLIDES
+
+        path = SLIDES / ("aperio/CMU-1-Small-Region.svs" if where == "svs" else "dicom/CMU-1-Small-Region")
+        if not path.exists():
+            pytest.skip(f"{path} not found")
+    target = 7.92  # a 1.25x student
+    with NoMoreDecoding(path) as slide, open_slide(path) as plain:
+        verify_pyramid(slide, up_to_mpp=target)
+        assert choose_level(slide, target) == 0
+        slide.level0_reads = 0  # the check's windows
+        finding = find_tissue(slide)
+        assert finding.boxes and slide.level0_reads == 1 and slide.decoded_level0 is not None
+        slide.refuse = True
+        regions = [r for box in finding.boxes
+                   for r in tile_regions(box, output_size(slide, target, box.region), PipelineConfig().max_piece_px)]
+        for region in regions:
+            assert np.array_equal(read_at_mpp(slide, target, region), read_at_mpp(plain, target, region))
+    assert slide.decoded_level0 is None  # dropped when the slide is closed
