@@ -181,13 +181,15 @@ def test_real_slides_keep_the_boxes_they_had_before_issue_15(slides_dir):
             assert np.abs(np.subtract(got, want[:4])).max() <= 4, (name, got, want)
 
 
-@pytest.mark.parametrize("k", [2, 3, 4, 7, 16, 17, 40])
+@pytest.mark.parametrize("k", [2, 3, 4, 7, 8, 16, 17, 40])
 def test_box_averaging_equals_the_float_mean_for_every_sum(k):
-    """Every possible sum of a k x k square (0 to 255 k²) once, plus random squares."""
+    """Every possible sum of a k x k square (0 to 255 k²) once (a sample for large squares,
+    with every sum at and beside a half), plus random squares."""
     from lowmag.reader import box_mean
 
     n = k * k
-    sums = np.arange(0, 255 * n + 1, max(1, (255 * n) // 4000))
+    halves = (np.arange(255)[:, None] * n + n // 2 + np.array([-1, 0, 1])).ravel()
+    sums = np.union1d(np.arange(0, 255 * n + 1, max(1, (255 * n) // 4000)), halves[halves <= 255 * n])
     cells = np.zeros((len(sums), n), np.int64)
     for i in range(n):  # spread each sum over the square's pixels, each at most 255
         cells[:, i] = np.clip(sums - 255 * i, 0, 255)
