@@ -46,7 +46,7 @@ from lowmag.labeled import Item, scan_image_folder
 from lowmag.reader import choose_level, level_window, output_size, read_at_mpp, verify_pyramid
 from lowmag.runtimes import RuntimeUnavailableError, logits_of
 from lowmag.slide import open_slide
-from lowmag.tissue import locate_tissue
+from lowmag.tissue import find_tissue, locate_tissue
 
 logger = logging.getLogger("lowmag.edge")
 
@@ -329,8 +329,8 @@ def bench_reference(bundle: Bundle, choice: BackendChoice, slides: list, options
         with timer.stage("open"):
             slide = open_slide(path, assume_mpp=options.config.assume_mpp)
         with slide:
-            with timer.stage("tissue"):
-                boxes = locate_tissue(slide, options.config.tissue)
+            with timer.stage("tissue"):  # level 0 kept for the patches, as the students' pipeline keeps it
+                boxes = find_tissue(slide, options.config.tissue, keep_level0=True).boxes
             patches = 0
             for box in boxes:
                 size = output_size(slide, mpp, box.region)

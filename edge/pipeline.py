@@ -399,7 +399,7 @@ class SlideClassifier:
                 # second handle beside the tissue step, on the other core.
                 boxes, overview, modality = find_tissue_checked_beside(
                     slide, lambda: open_slide(path, assume_mpp=config.assume_mpp), self.target_mpp, config.tissue,
-                    config.decode_budget, should_stop)
+                    config.decode_budget, should_stop, keep_level0=True)
             if choose_level(slide, self.target_mpp) != 0:
                 slide.decoded_level0 = None  # the pieces come from a coarser level: free it now
             if not modality.brightfield and config.ood == "refuse":

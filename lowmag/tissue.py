@@ -247,7 +247,8 @@ def locate_tissue(slide: Slide, params: TissueParams = TissueParams()) -> list[T
 def find_tissue_checked_beside(slide: Slide, reopen: Callable[[], Slide], up_to_mpp: float,
                                params: TissueParams = TissueParams(),
                                max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
-                               should_stop: Callable[[], bool] | None = None) -> TissueFinding:
+                               should_stop: Callable[[], bool] | None = None,
+                               keep_level0: bool = False) -> TissueFinding:
     """``find_tissue`` while the pyramid check of every level up to ``up_to_mpp`` (coarser or
     finer than the overview: give the model's µm/px) runs on a second handle, ``reopen()``,
     beside it. The answer is ``find_tissue``'s: it is found again when the check rules out
@@ -258,27 +259,31 @@ def find_tissue_checked_beside(slide: Slide, reopen: Callable[[], Slide], up_to_
 
     return with_pyramid_checked_beside(
         slide, reopen, max(up_to_mpp, analysis_mpp(slide, params)),
-        lambda: find_tissue(slide, params, max_source_pixels, should_stop), levels_used,
+        lambda: find_tissue(slide, params, max_source_pixels, should_stop, keep_level0), levels_used,
         max_source_pixels, should_stop)
 
 
 def find_tissue(slide: Slide, params: TissueParams = TissueParams(),
                 max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
-                should_stop: Callable[[], bool] | None = None) -> TissueFinding:
+                should_stop: Callable[[], bool] | None = None, keep_level0: bool = False) -> TissueFinding:
     """The tissue boxes, the low-resolution image of the whole slide they were found on,
     and the slide's modality (a fluorescence or greyscale slide is recognised here, with
     its reason, and its signal boxed, instead of one box covering the whole slide).
 
     The edge runner draws its thumbnail on the overview instead of reading the slide again.
     The overview read is bounded like any other (``read_at_mpp``'s ``max_source_pixels``).
+    ``keep_level0``: a caller that reads the slide's pieces next, and then closes it, asks to
+    keep level 0 when the overview decodes it whole (a slide without a usable coarser level:
+    one-level SVS, the DICOM series with unusable levels) for those reads to slice
+    (``read_at_mpp``). Not by default: a caller holding many slides open would hold each
+    one's level 0 (up to 48 MB) until it closes them.
     """
     import pyvips
 
     info = slide.info
     mpp = analysis_mpp(slide, params)
-    # A slide with no usable level coarser than level 0 (one-level SVS, the DICOM series with
-    # unusable levels) keeps its decoded level 0 for the model's pieces to slice.
-    rgb = read_at_mpp(slide, mpp, max_source_pixels=max_source_pixels, should_stop=should_stop, keep_level0=True)
+    rgb = read_at_mpp(slide, mpp, max_source_pixels=max_source_pixels, should_stop=should_stop,
+                      keep_level0=keep_level0)
     saturation = colour_saturation(rgb)
     # The modality is judged on the other core while the brightfield mask is computed (most
     # slides are brightfield; on the CMU-1 region 9 of the step's 70 ms); another modality
@@ -365,9 +370,9 @@ def _histogram01(values: np.ndarray, bins: int) -> np.ndarray:
     flat = np.ravel(values)
     if flat.dtype != np.float32 or bins & (bins - 1):
         return np.histogram(flat, bins=bins, range=(0.0, 1.0))[0].astype(np.float64)
-    inside = flat[(flat >= 0.0) & (flat <= 1.0)] if flat.size and not (flat.min() >= 0.0 and flat.max() <= 1.0) \
-        else flat
-    index = (inside * np.float32(bins)).astype(np.intp)
+    if flat.size and not (flat.min() >= 0.0 and flat.max() <= 1.0):  # NaN included
+        flat = flat[(flat >= 0.0) & (flat <= 1.0)]
+    index = (flat * np.float32(bins)).astype(np.intp)
     np.minimum(index, bins - 1, out=index)
     return np.bincount(index, minlength=bins).astype(np.float64)
 

@@ -315,8 +315,10 @@ def test_level0_decoded_for_the_overview_is_sliced_for_the_pieces_with_the_same_
         verify_pyramid(slide, up_to_mpp=target)
         assert choose_level(slide, target) == 0
         slide.level0_reads = 0  # the check's windows
-        finding = find_tissue(slide)
+        finding = find_tissue(slide, keep_level0=True)
         assert finding.boxes and slide.level0_reads == 1 and slide.decoded_level0 is not None
+        # Only on request: a caller holding many slides open (calibration) must not hold each level 0.
+        assert find_tissue(plain).boxes == finding.boxes and plain.decoded_level0 is None
         slide.refuse = True
         regions = [r for box in finding.boxes
                    for r in tile_regions(box, output_size(slide, target, box.region), PipelineConfig().max_piece_px)]
