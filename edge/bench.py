@@ -43,7 +43,7 @@ from lowmag.edge.pipeline import (
 from lowmag.edge.results import write_slide_outputs
 from lowmag.errors import LowmagError
 from lowmag.labeled import Item, scan_image_folder
-from lowmag.reader import choose_level, level_window, output_size, read_at_mpp, verify_pyramid
+from lowmag.reader import choose_level, level_window, output_size, read_at_mpp, read_size, verify_pyramid
 from lowmag.runtimes import RuntimeUnavailableError, logits_of
 from lowmag.slide import open_slide
 from lowmag.tissue import find_tissue, locate_tissue
@@ -230,17 +230,18 @@ def floor_ms(bundle: Bundle, session, path: Path, options: BenchOptions, repeats
     resampling, outputs or hash."""
     config = options.config
     target = float(bundle.spec.target_mpp)
+    tolerance = config.level_tolerance
     with open_slide(path, assume_mpp=config.assume_mpp) as slide:
         regions: list = []
         inputs: list = []
+        verify_pyramid(slide, up_to_mpp=target * (1.0 + tolerance))
         for box in locate_tissue(slide, config.tissue):
-            tiles = tile_regions(box, output_size(slide, target, box.region), config.max_piece_px)
-            pixels = (read_at_mpp(slide, target, region) for region in tiles)
+            tiles = tile_regions(box, read_size(slide, target, box.region, tolerance), config.max_piece_px)
+            pixels = (read_at_mpp(slide, target, region, as_stored_within=tolerance) for region in tiles)
             regions += tiles
             inputs += [pad_to(rgb, MIN_INPUT_SIDE, slide.info.background) for rgb, _ in
                        tiles_to_run(pixels, len(tiles), config.tissue.min_saturation, config.min_tile_tissue)]
-        verify_pyramid(slide, up_to_mpp=target)
-        level = slide.info.levels[choose_level(slide, target)]
+        level = slide.info.levels[choose_level(slide, target, tolerance)]
     windows = [level_window(level, region) for region in regions]
     decode, infer = [], []
     for _ in range(repeats):
@@ -415,7 +416,9 @@ def run_bench(models: Sequence[Path], slide_paths: Sequence[Path], options: Benc
         "schema": RESULTS_SCHEMA, "machine": machine(), "started_at": started,
         "seconds": round(time.time() - started, 1),
         "options": {"repeats": options.repeats, "warmup": options.warmup, "threads": options.threads,
-                    "max_piece_px": options.config.max_piece_px, "images": str(options.images or ""),
+                    "max_piece_px": options.config.max_piece_px,
+                    "level_tolerance_pct": round(options.config.level_tolerance * 100, 3),
+                    "images": str(options.images or ""),
                     "images_mpp": options.images_mpp, "center_crop": options.center_crop,
                     "reference_mpp": options.reference_mpp, "reference_patch": options.reference_patch,
                     "reference_repeats": options.reference_repeats},

@@ -52,7 +52,10 @@ def markdown(results: dict[str, Any]) -> str:
         "while that row ran, with every runtime and model loaded before it still in memory: one "
         "edge-classify run of the same slides uses less."
         + (f" The reference: {opts['reference_repeats']} measured run(s) per slide, no warm-up."
-           if opts.get("reference_repeats") else ""), "",
+           if opts.get("reference_repeats") else "")
+        + (f" Students read a pyramid level within {opts['level_tolerance_pct']:g} % of their µm/px as stored, "
+           "without resampling (--level-tolerance); the reference always resamples exactly."
+           if opts.get("level_tolerance_pct") else ""), "",
         "## Students", "",
         "![Macro F1 against GFLOPs per slide](plots/f1_vs_gflops.svg)", "",
         "| bundle | magnification | training | precision | backend | MB | GFLOPs/slide | macro F1 (95% CI) | median ms | "

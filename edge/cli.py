@@ -26,6 +26,12 @@ logger = logging.getLogger("lowmag.edge")
 main = stage_group("Classify every new slide a scanner writes, on a CPU or a small GPU (no torch).")
 
 
+LEVEL_TOLERANCE_HELP = ("Use a pyramid level within PCT % of the model's µm/px as stored, without resampling: "
+                        "faster (no resample; a level up to PCT % coarser spares decoding a finer one), but the "
+                        "model sees tissue up to PCT % off its scale. 0 = always resample exactly. "
+                        "docs/level-tolerance.md measures what 1-2 % change.")
+
+
 def _engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by run and watch: the model, the runtime and the per-slide pipeline."""
     options = [
@@ -49,6 +55,8 @@ def _engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--ood", type=click.Choice(["flag", "refuse"]), default="flag", show_default=True,
                      help="Slides unlike the model's training data (fluorescence, IHC, greyscale, out of focus...): "
                           "flag = classify, set needs_review and give the reasons; refuse = record as failed."),
+        click.option("--level-tolerance", type=click.FloatRange(0, 5), default=0.0, show_default=True, metavar="PCT",
+                     help=LEVEL_TOLERANCE_HELP),
         click.option("--assume-mpp", type=click.FloatRange(min=0, min_open=True), default=None, metavar="UM_PER_PX",
                      help="Level-0 µm/px for slides without one (applies to every slide: use with care)."),
         click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
@@ -64,9 +72,9 @@ def _engine_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _setup(model: Path, out: Path, backend: str, device: str, threads: int | None, workers: int,
-           max_piece_px: int, pixel_budget: int, review_threshold: float, ood: str, assume_mpp: float | None,
-           max_attempts: int, quarantine: Path | None, rebuild_engine: bool, retry_delay_s: float,
-           settle_s: float = 2.0):
+           max_piece_px: int, pixel_budget: int, review_threshold: float, ood: str, level_tolerance: float,
+           assume_mpp: float | None, max_attempts: int, quarantine: Path | None, rebuild_engine: bool,
+           retry_delay_s: float, settle_s: float = 2.0):
     from lowmag.bundle import load_bundle
     from lowmag.edge.backends import choose_backend
     from lowmag.edge.pipeline import PipelineConfig
@@ -77,7 +85,8 @@ def _setup(model: Path, out: Path, backend: str, device: str, threads: int | Non
     for warning in choice.warnings:
         logger.warning(warning)
     config = PipelineConfig(max_piece_px=max_piece_px, pixel_budget=pixel_budget,
-                            review_threshold=review_threshold, assume_mpp=assume_mpp, ood=ood)
+                            review_threshold=review_threshold, assume_mpp=assume_mpp, ood=ood,
+                            level_tolerance=level_tolerance / 100.0)
     if not bundle.spec.fingerprint:
         logger.warning("%s has no fingerprint of its training data (exported by an older lowmag): slides are only "
                        "checked for being brightfield, not for being like the training data. Re-export it with "
@@ -262,6 +271,8 @@ def watch_command(ctx: click.Context, scans: Path, poll: bool, poll_interval: fl
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--max-piece-px", type=click.IntRange(min=16), default=2048, show_default=True)
+@click.option("--level-tolerance", type=click.FloatRange(0, 5), default=0.0, show_default=True, metavar="PCT",
+              help=LEVEL_TOLERANCE_HELP)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Report folder: results.json, report.md, report.html and plots/.")
 @click.pass_context
@@ -270,7 +281,7 @@ def bench_command(ctx: click.Context, models: tuple[Path, ...], slides: tuple[Pa
                   images_mpp: float | None, center_crop: int | None, references: tuple[Path, ...], reference_mpp: float,
                   reference_repeats: int | None,
                   backends: tuple[str, ...], repeats: int, warmup: int, threads: int | None, max_piece_px: int,
-                  out: Path) -> None:
+                  level_tolerance: float, out: Path) -> None:
     """What each student costs and how well it classifies on this machine, next to the
     conventional 20x reference, as results.json, report.md and report.html in --out."""
     from lowmag.edge.bench import BenchOptions, run_bench
@@ -283,7 +294,7 @@ def bench_command(ctx: click.Context, models: tuple[Path, ...], slides: tuple[Pa
     options = BenchOptions(repeats=repeats, warmup=warmup, threads=threads, backends=backends, images=images,
                            images_mpp=images_mpp, center_crop=center_crop, references=references,
                            reference_mpp=reference_mpp, reference_repeats=reference_repeats,
-                           config=PipelineConfig(max_piece_px=max_piece_px))
+                           config=PipelineConfig(max_piece_px=max_piece_px, level_tolerance=level_tolerance / 100.0))
     with contextlib.ExitStack() as bars:
         def progress(total: int) -> Callable[[], None]:
             bar = bars.enter_context(click.progressbar(length=total, label="benchmarking (slide x runtime)",

@@ -57,7 +57,7 @@ from lowmag.edge.scan import CheckedFile
 from lowmag.errors import Interrupted, LowmagError, SlideError, SlideReadError, SlideTooLargeError
 from lowmag.io import sha256_fd, sha256_file
 from lowmag.names import shown
-from lowmag.reader import DEFAULT_MAX_SOURCE_PIXELS, Region, choose_level, output_size, read_at_mpp
+from lowmag.reader import DEFAULT_MAX_SOURCE_PIXELS, Region, choose_level, read_at_mpp, read_size, within
 from lowmag.runtimes import Session, logits_of, softmax
 from lowmag.slide import Slide, SlideInfo, open_slide
 from lowmag.fingerprint import Fingerprint, StainStats, Verdict
@@ -72,6 +72,8 @@ SLIDE_RULE = "tissue-area-weighted mean of the pieces' calibrated probabilities"
 STAGES = ("hash", "open", "tissue", "read", "resample", "distribution", "inference", "write")
 #: What ``--ood`` may be: classify and flag for review, or refuse with the reasons.
 OOD_POLICIES = ("flag", "refuse")
+#: The largest ``--level-tolerance``: "a few percent" off the model's scale.
+MAX_LEVEL_TOLERANCE = 0.05
 
 
 class NoTissueError(SlideError):
@@ -104,6 +106,9 @@ class PipelineConfig:
     tissue: TissueParams = field(default_factory=TissueParams)
     #: Out-of-distribution slides: "flag" (classified, needs_review) or "refuse" (failed).
     ood: str = "flag"
+    #: A pyramid level within this fraction of the model's µm/px is used as stored, without
+    #: resampling (``reader.read_at_mpp``'s ``as_stored_within``). 0 = always resample exactly.
+    level_tolerance: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_piece_px < MIN_INPUT_SIDE:
@@ -114,6 +119,8 @@ class PipelineConfig:
             raise LowmagError(f"pixel_budget must be positive, got {self.pixel_budget}")
         if self.ood not in OOD_POLICIES:
             raise LowmagError(f"ood must be one of {', '.join(OOD_POLICIES)}, got {self.ood!r}")
+        if not 0.0 <= self.level_tolerance <= MAX_LEVEL_TOLERANCE:
+            raise LowmagError(f"level_tolerance must be within 0-{MAX_LEVEL_TOLERANCE:g}, got {self.level_tolerance}")
 
     @property
     def decode_budget(self) -> int:
@@ -173,6 +180,9 @@ class SlideClassification:
     #: The slide against the training data's fingerprint (``lowmag.fingerprint.Verdict``).
     distribution: Verdict = field(default_factory=lambda: Verdict("unchecked", None, None))
     modality: Modality | None = None
+    #: Where the model's pixels came from: the pyramid level, its µm/px, and whether it was
+    #: resampled to the model's µm/px (false: used as stored, ``--level-tolerance``).
+    reading: dict | None = None
 
     @property
     def label(self) -> str:
@@ -398,10 +408,15 @@ class SlideClassifier:
                 # The pyramid check of the levels the overview and the model need runs on a
                 # second handle beside the tissue step, on the other core.
                 boxes, overview, modality = find_tissue_checked_beside(
-                    slide, lambda: open_slide(path, assume_mpp=config.assume_mpp), self.target_mpp, config.tissue,
+                    slide, lambda: open_slide(path, assume_mpp=config.assume_mpp),
+                    self.target_mpp * (1.0 + config.level_tolerance), config.tissue,
                     config.decode_budget, should_stop, keep_level0=True)
-            if choose_level(slide, self.target_mpp) != 0:
+            level = info.levels[choose_level(slide, self.target_mpp, config.level_tolerance)]
+            if level.index != 0:
                 slide.decoded_level0 = None  # the pieces come from a coarser level: free it now
+            reading = {"level": level.index, "level_mpp": round(max(level.mpp_x, level.mpp_y), 5),
+                       "resampled": not within(level, self.target_mpp, config.level_tolerance),
+                       "level_tolerance_pct": round(config.level_tolerance * 100, 3)}
             if not modality.brightfield and config.ood == "refuse":
                 raise OutOfDistributionError(path, f"{modality.reason}; the model was trained on brightfield "
                                              "stained tissue.", "route this slide to a model made for it.")
@@ -410,7 +425,7 @@ class SlideClassifier:
                 raise NoTissueError(path, f"no tissue found on the slide (blank glass, pen marks or a test "
                                     f"pattern){why}.", "check the scan; tune the tissue options if this slide does "
                                     "hold tissue.")
-            sizes = [output_size(slide, self.target_mpp, box.region) for box in boxes]
+            sizes = [read_size(slide, self.target_mpp, box.region, config.level_tolerance) for box in boxes]
             total = sum(w * h for w, h in sizes)
             if total > config.pixel_budget:
                 raise SlideTooLargeError(
@@ -423,7 +438,8 @@ class SlideClassifier:
             def read(region: Region, cancelled: Callable[[], bool]) -> np.ndarray:
                 rgb = timed_read(slide, self.target_mpp, region, timer, config.pixel_budget,
                                  max_source_pixels=config.decode_budget,
-                                 should_stop=lambda: should_stop() or cancelled())
+                                 should_stop=lambda: should_stop() or cancelled(),
+                                 as_stored_within=config.level_tolerance)
                 if stats is not None:  # the pixels just read, in the reading thread: beside the inference
                     with timer.stage("distribution"):
                         stats.add(rgb)
@@ -446,6 +462,7 @@ class SlideClassifier:
             probabilities=probabilities,
             needs_review=bool(probabilities.max() < config.review_threshold or distribution.out),
             timer=timer, thumbnail=thumbnail, classes=self.classes, distribution=distribution, modality=modality,
+            reading=reading,
         )
 
     def _judge(self, stats: StainStats | None, modality: Modality) -> Verdict:
@@ -458,7 +475,7 @@ class SlideClassifier:
         return Verdict("unchecked", None, None)
 
     def _check_resolution(self, info: SlideInfo) -> None:
-        if info.mpp > self.target_mpp * 1.01:
+        if info.mpp > self.target_mpp * (1.0 + max(0.01, self.config.level_tolerance)):
             raise ResolutionTooCoarseError(
                 info.path, f"scanned at {info.mpp:.3g} µm/px, coarser than the model's {self.target_mpp:g} µm/px "
                 f"({self.bundle.spec.magnification}).", "rescan at a higher magnification or use a student for a "
@@ -493,12 +510,13 @@ class SlideClassifier:
 def timed_read(slide: Slide, mpp: float, region: Region | None, timer: Timer,
                max_output_pixels: int | None = None, exact: bool = False,
                max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
-               should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+               should_stop: Callable[[], bool] | None = None, as_stored_within: float = 0.0) -> np.ndarray:
     """``read_at_mpp`` with its decode and resample seconds added to ``timer``."""
     seconds: dict[str, float] = {}
     try:
         return read_at_mpp(slide, mpp, region, exact=exact, max_output_pixels=max_output_pixels, timings=seconds,
-                           max_source_pixels=max_source_pixels, should_stop=should_stop)
+                           max_source_pixels=max_source_pixels, should_stop=should_stop,
+                           as_stored_within=as_stored_within)
     finally:
         for stage, value in seconds.items():
             timer.seconds[stage] = timer.seconds.get(stage, 0.0) + value

@@ -124,6 +124,7 @@ def result_document(result: SlideClassification, bundle: Bundle, choice: Backend
             "mpp": spec.target_mpp, "magnification": spec.magnification, "temperature": spec.temperature,
         },
         "runtime": {"backend": choice.backend, "device": choice.device, "threads": threads},
+        "reading": result.reading,
         "tissue": pieces,
         "result": {
             "label": result.label, "confidence": round(result.confidence, 6),

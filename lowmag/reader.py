@@ -17,6 +17,13 @@ How it reads (``PREPROCESSING_VERSION`` names this recipe in every model spec):
 3. Resample the rest of the way (a factor below 4) with libvips Lanczos3 to exactly
    ``round(size_um / target_mpp)`` pixels on each axis.
 
+Opt-in, for deployment only (``as_stored_within``, ``edge-classify --level-tolerance``): a
+pyramid level whose µm/px is within that fraction of the target, finer or coarser, is
+returned as stored, neither box-averaged nor resampled. The model then sees tissue up to
+that fraction off its scale, and a level a little coarser than the target is used instead
+of decoding a finer one (4x the pixels). Training, calibration and the default reads never
+do this; docs/level-tolerance.md measures what it changes.
+
 A header's declared size is a claim: before any pixel is decoded, the source pixels a
 read needs are checked against ``max_source_pixels`` (``SlideTooLargeError`` names the
 level and the fix), and ``should_stop`` is asked before every block, so a stop never
@@ -98,8 +105,22 @@ def mpp_for_longest_side(slide: Slide, pixels: int) -> float:
     return max(info.mpp, longest_um / pixels)
 
 
-def choose_level(slide: Slide, target_mpp: float) -> int:
-    """Index of the coarsest readable level at least as fine as ``target_mpp`` (1% tolerance)."""
+def within(level: LevelInfo, target_mpp: float, fraction: float) -> bool:
+    """Whether ``level``'s µm/px is within ``fraction`` of ``target_mpp``, finer or coarser, on both axes."""
+    return fraction > 0 and all(abs(math.log(mpp / target_mpp)) <= math.log1p(fraction) + 1e-12
+                                for mpp in (level.mpp_x, level.mpp_y))
+
+
+def choose_level(slide: Slide, target_mpp: float, as_stored_within: float = 0.0) -> int:
+    """Index of the coarsest readable level at least as fine as ``target_mpp`` (1% tolerance).
+
+    With ``as_stored_within``, a readable level within that fraction of the target (the
+    nearest, if several) is chosen first: ``read_at_mpp`` returns it as stored.
+    """
+    near = [level for level in slide.info.levels
+            if level.index not in slide.unreadable_levels and within(level, target_mpp, as_stored_within)]
+    if near:
+        return min(near, key=lambda level: abs(math.log(max(level.mpp_x, level.mpp_y) / target_mpp))).index
     best = 0
     for level in slide.info.levels:
         if level.index in slide.unreadable_levels:
@@ -122,6 +143,7 @@ def read_at_mpp(
     max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
     should_stop: Callable[[], bool] | None = None,
     keep_level0: bool = False,
+    as_stored_within: float = 0.0,
 ) -> np.ndarray:
     """RGB uint8 array (H, W, 3) of the slide (or a level-0 ``region``) at ``target``.
 
@@ -136,12 +158,16 @@ def read_at_mpp(
     level 0 whole in one block, keep those pixels on the slide (``Slide.decoded_level0``) for
     later level-0 reads to slice: the tissue overview of a slide whose coarser levels are
     missing or unusable is then decoded once for the overview and the model's pieces.
+    ``as_stored_within`` (deployment only, default off): a level within this fraction of the
+    target is returned as stored, at its own µm/px (``read_size`` gives the size); see the
+    module's docstring.
     """
     started = time.perf_counter()
     decode = [0.0]
     budget = _Budget(max_source_pixels, should_stop, stripe_pixels)
     try:
-        return _read_at_mpp(slide, target, region, exact, max_output_pixels, budget, decode, keep_level0)
+        return _read_at_mpp(slide, target, region, exact, max_output_pixels, budget, decode, keep_level0,
+                            as_stored_within)
     finally:
         if timings is not None:
             total = time.perf_counter() - started
@@ -185,12 +211,15 @@ def _read_at_mpp(
     budget: _Budget,
     decode: list[float],
     keep: bool = False,
+    as_stored_within: float = 0.0,
 ) -> np.ndarray:
     target_mpp = resolve_target_mpp(slide, target)
     info = slide.info
     if region is None:
         region = Region(0, 0, info.width, info.height)
-    out_w, out_h = output_size(slide, target_mpp, region)
+    if exact:
+        as_stored_within = 0.0
+    out_w, out_h = output_size(slide, target_mpp, region)  # (a level as stored: within the fraction of it)
     if max_output_pixels is not None and out_w * out_h > max_output_pixels:
         raise SlideTooLargeError(
             info.path,
@@ -201,11 +230,15 @@ def _read_at_mpp(
 
     if not exact:
         tick = time.perf_counter()
-        verify_pyramid(slide, budget, up_to_mpp=target_mpp)
+        verify_pyramid(slide, budget, up_to_mpp=target_mpp * (1.0 + as_stored_within))
         decode[0] += time.perf_counter() - tick
     while True:
-        level = info.levels[0 if exact else choose_level(slide, target_mpp)]
+        level = info.levels[0 if exact else choose_level(slide, target_mpp, as_stored_within)]
         try:
+            if within(level, target_mpp, as_stored_within):
+                lx, ly, lw, lh = stored_window(level, region)
+                budget.check_size(slide, level.index, lw, lh, "reading it")
+                return _read_box_shrunk(slide, level.index, lx, ly, lw, lh, 1, budget, decode, keep)
             return _read_from_level(slide, level.index, region, out_w, out_h, budget, decode, "reading it", keep)
         except SlideReadError as error:
             # Some files have pyramid levels OpenSlide cannot decode (e.g. DICOM series
@@ -213,6 +246,32 @@ def _read_at_mpp(
             if level.index == 0:
                 raise
             slide.mark_level_unreadable(level.index, error.__cause__ or error)
+
+
+def read_size(slide: Slide, target_mpp: float, region: Region | None = None,
+              as_stored_within: float = 0.0) -> tuple[int, int]:
+    """(width, height) that ``read_at_mpp`` returns with ``as_stored_within``: a level's window
+    when that level is read as stored, else ``output_size``. Exact once the pyramid check
+    has run (``verify_pyramid``), as it has after the tissue step."""
+    level = slide.info.levels[choose_level(slide, target_mpp, as_stored_within)]
+    if within(level, target_mpp, as_stored_within):
+        info = slide.info
+        return stored_window(level, region or Region(0, 0, info.width, info.height))[2:]
+    return output_size(slide, target_mpp, region)
+
+
+def stored_window(level: LevelInfo, region: Region) -> tuple[int, int, int, int]:
+    """The level pixels nearest a level-0 ``region`` (x, y, width, height), for a read as
+    stored: edges rounded to the nearest level pixel, not outwards, so a piece gains no row of
+    its neighbour's pixels and the tiles of one box abut exactly."""
+    def span(start: float, end: float, size: int) -> tuple[int, int]:
+        a = min(max(0, int(round(start / level.downsample))), size - 1)
+        b = min(max(a + 1, int(round(end / level.downsample))), size)
+        return a, b - a
+
+    x, w = span(region.x, region.x + region.width, level.width)
+    y, h = span(region.y, region.y + region.height, level.height)
+    return x, y, w, h
 
 
 def level_window(level: LevelInfo, region: Region) -> tuple[int, int, int, int]:
