@@ -29,7 +29,7 @@ main = stage_group("Classify every new slide a scanner writes, on a CPU or a sma
 LEVEL_TOLERANCE_HELP = ("Use a pyramid level within PCT % of the model's µm/px as stored, without resampling: "
                         "faster (no resample; a level up to PCT % coarser spares decoding a finer one), but the "
                         "model sees tissue up to PCT % off its scale. 0 = always resample exactly. "
-                        "docs/level-tolerance.md measures what 1-2 % change.")
+                        "docs/level-tolerance/results.md measures what 1-2 % change.")
 
 
 def _engine_options(func: Callable[..., Any]) -> Callable[..., Any]:

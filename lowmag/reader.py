@@ -22,7 +22,7 @@ pyramid level whose µm/px is within that fraction of the target, finer or coars
 returned as stored, neither box-averaged nor resampled. The model then sees tissue up to
 that fraction off its scale, and a level a little coarser than the target is used instead
 of decoding a finer one (4x the pixels). Training, calibration and the default reads never
-do this; docs/level-tolerance.md measures what it changes.
+do this; docs/level-tolerance/results.md measures what it changes.
 
 A header's declared size is a claim: before any pixel is decoded, the source pixels a
 read needs are checked against ``max_source_pixels`` (``SlideTooLargeError`` names the
