@@ -14,6 +14,14 @@ SHARED_DATA = Path(os.environ.get("LOWMAG_SHARED_DATA", REPO.parent / "shared" /
 SLIDES = SHARED_DATA / "slides"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _machine_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Machine-local caches (ONNX Runtime's optimised model copies, calibration sets) go to a
+    folder of this test session, for the CLIs run in subprocesses too, not ~/.cache/lowmag."""
+    if "LOWMAG_CACHE_DIR" not in os.environ:
+        os.environ["LOWMAG_CACHE_DIR"] = str(tmp_path_factory.mktemp("lowmag-cache"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if gpu_items and not _cuda_available():

@@ -45,10 +45,11 @@ def slide_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pat
     return make
 
 
-def edge(*args: str, cwd: Path | None = None, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
-    """Run edge-classify as a user would, in a fresh process."""
+def edge(*args: str, cwd: Path | None = None, timeout: float = 120, env: dict | None = None,
+         **kwargs) -> subprocess.CompletedProcess:
+    """Run edge-classify as a user would, in a fresh process (``env``: variables to add)."""
     return subprocess.run([*EDGE, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **kwargs)
 
 
 def start_watch(scans: Path, out: Path, bundle: Path, *extra: str, log: Path | None = None) -> subprocess.Popen:
