@@ -141,6 +141,21 @@ def bundle_bytes(bundle: Bundle) -> int:
 Run = Callable[[Path, Sequence[Path]], tuple[dict[str, float], dict[str, Any]]]
 
 
+#: Keys of a run's timings that are CPU time, not stages (``with_cpu``).
+CPU_KEYS = {"cpu": "cpu_ms", "hash_cpu": "hash_cpu_ms"}
+
+
+def with_cpu(timer: Timer, process_cpu_since: float) -> dict[str, float]:
+    """A run's stage milliseconds plus its CPU milliseconds: ``cpu`` for the whole process
+    (every thread: runtimes, libvips, the hash) since ``process_cpu_since``
+    (``time.process_time()``), ``hash_cpu`` for the hash's own thread. On a machine with n
+    cores a slide cannot take less wall time than cpu / n."""
+    ms = timer.ms()
+    ms["cpu"] = round((time.process_time() - process_cpu_since) * 1000.0, 1)
+    ms["hash_cpu"] = round(timer.cpu_beside.get("hash", 0.0) * 1000.0, 1)
+    return ms
+
+
 def time_slides(run: Run, slides: list, warmup: int, repeats: int,
                 progress: Callable[[], None]) -> list[dict[str, Any]]:
     """Per slide: ``run`` called warmup + repeats times; it returns (stage ms, facts of the slide)."""
@@ -158,7 +173,10 @@ def time_slides(run: Run, slides: list, warmup: int, repeats: int,
             # The first run of a slide: new input shapes make OpenVINO prepare each one, as a
             # watcher's every new slide does (the repeats find them prepared).
             "first_ms": first[0] if first else None,
-            "stages_ms": {k: round(statistics.median(c[k] for c in calls), 1) for k in calls[0] if k != "total"},
+            "stages_ms": {k: round(statistics.median(c[k] for c in calls), 1) for k in calls[0]
+                          if k != "total" and k not in CPU_KEYS},
+            **{field: round(statistics.median(c[k] for c in calls), 1) for k, field in CPU_KEYS.items()
+               if k in calls[0]},
             **outcomes[-1][1],
         })
     return rows
@@ -189,12 +207,13 @@ def bench_student(bundle: Bundle, choice: BackendChoice, slides: list, options: 
     classifier = SlideClassifier(bundle, session, options.config)
 
     def run(path: Path, files: Sequence[Path]) -> tuple[dict[str, float], dict[str, Any]]:
+        cpu = time.process_time()
         result = classifier.classify(path, files)
         # The outputs are written as the edge runner writes them (timed as "write"), then dropped.
         write_slide_outputs(scratch, path.name, result, bundle, choice, options.threads,
                             options.config.review_threshold)
         sizes = [size for piece in result.pieces for size in piece.inputs]
-        return result.timer.ms(), {"gflops": significant(bundle_gflops(choice.model, sizes)),
+        return with_cpu(result.timer, cpu), {"gflops": significant(bundle_gflops(choice.model, sizes)),
                                    "label": result.label, "pieces": len(result.pieces), "inputs": len(sizes)}
 
     with tempfile.TemporaryDirectory(prefix="lowmag-bench-") as scratch_dir:
@@ -226,8 +245,9 @@ def floor_ms(bundle: Bundle, session, path: Path, options: BenchOptions, repeats
     the student reads, exactly the pixels of the tissue pieces the pipeline found, plus the
     model on the inputs the pipeline ran (a piece cut into tiles skips its near-blank ones, as
     the pipeline does); median of ``repeats``, each on a freshly opened slide (no decoded
-    tile cached from the last); milliseconds. Nothing else: no pyramid check, tissue finding,
-    resampling, outputs or hash."""
+    tile cached from the last); milliseconds, and ``cpu``: the process's CPU milliseconds for
+    both (every thread). Nothing else: no pyramid check, tissue finding, resampling, outputs or
+    hash."""
     config = options.config
     target = float(bundle.spec.target_mpp)
     tolerance = config.level_tolerance
@@ -243,10 +263,10 @@ def floor_ms(bundle: Bundle, session, path: Path, options: BenchOptions, repeats
                        tiles_to_run(pixels, len(tiles), config.tissue.min_saturation, config.min_tile_tissue)]
         level = slide.info.levels[choose_level(slide, target, tolerance)]
     windows = [level_window(level, region) for region in regions]
-    decode, infer = [], []
+    decode, infer, cpu = [], [], []
     for _ in range(repeats):
         with open_slide(path, assume_mpp=config.assume_mpp) as fresh:
-            tick = time.perf_counter()
+            tick, cpu_tick = time.perf_counter(), time.process_time()
             for x, y, w, h in windows:
                 fresh.read_region(level.index, x, y, w, h)
             decode.append(time.perf_counter() - tick)
@@ -254,7 +274,9 @@ def floor_ms(bundle: Bundle, session, path: Path, options: BenchOptions, repeats
         for image in inputs:
             logits_of(session, [image], batch_size=1)
         infer.append(time.perf_counter() - tick)
-    ms = {"decode": statistics.median(decode) * 1000, "inference": statistics.median(infer) * 1000}
+        cpu.append(time.process_time() - cpu_tick)
+    ms = {"decode": statistics.median(decode) * 1000, "inference": statistics.median(infer) * 1000,
+          "cpu": statistics.median(cpu) * 1000}
     return {k: round(v, 1) for k, v in {**ms, "total": ms["decode"] + ms["inference"]}.items()}
 
 
@@ -317,14 +339,14 @@ def bench_reference(bundle: Bundle, choice: BackendChoice, slides: list, options
         # Timed like the students, every part in a stage: the hash beside the work (waited
         # for at the end), choosing the patches that hold tissue under "tissue", padding
         # the edge patches under "inference".
-        timer = Timer()
-        hashing = in_background(lambda: content_hash(files))
+        timer, cpu = Timer(), time.process_time()
+        hashing = in_background(timer.beside("hash", lambda: content_hash(files)))
         try:
             facts = reference_run(path, timer)
         finally:  # waited for even when the run fails: no hash thread outlives its slide
             with timer.stage("hash"):
                 hashing.result()
-        return timer.ms(), facts
+        return with_cpu(timer, cpu), facts
 
     def reference_run(path: Path, timer: Timer) -> dict[str, Any]:
         with timer.stage("open"):
@@ -383,6 +405,27 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, all) CPU ticks since boot from Linux's /proc/stat; None elsewhere. Steal is the
+    time a virtual machine's cores were runnable but another guest had the host's CPU."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat_file:
+            fields = stat_file.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    values = [int(v) for v in fields[1:]]
+    return values[7], sum(values[:8])  # user..steal; guest time is already within user
+
+
+def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Share of the machine's CPU time (all cores, busy or idle) taken by other guests between two ``cpu_ticks``."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round(100.0 * (after[0] - before[0]) / (after[1] - before[1]), 1)
+
+
 def run_bench(models: Sequence[Path], slide_paths: Sequence[Path], options: BenchOptions,
               progress: Callable[[int], Callable[[], None]] | None = None) -> dict[str, Any]:
     """Benchmark every bundle on every runtime here, and the reference; plain-data results."""
@@ -405,15 +448,19 @@ def run_bench(models: Sequence[Path], slide_paths: Sequence[Path], options: Benc
             labeled_items(bundle, options)
     total = len(readable) * (len(plan) + len(references))
     tick = progress(total) if progress else (lambda: None)
-    started = time.time()
+    started, ticks = time.time(), cpu_ticks()
     ref_rows = [bench_reference(r, choose_backend(r), readable, options, tick) for r in references]
     rows = [bench_student(b, c, readable, options, tick) for b, c in plan]
     for row in rows:
         row["vs_references"] = [compare(row, ref) for ref in ref_rows]
         if ref_rows:
             row["vs_reference"] = row["vs_references"][0]
+    host = machine()
+    # A virtual machine's cores are shared: what other guests took during the run makes
+    # sittings differ (10-20 % between runs of the same code here), so the report says it.
+    host["cpu_steal_pct"] = steal_pct(ticks, cpu_ticks())
     return {
-        "schema": RESULTS_SCHEMA, "machine": machine(), "started_at": started,
+        "schema": RESULTS_SCHEMA, "machine": host, "started_at": started,
         "seconds": round(time.time() - started, 1),
         "options": {"repeats": options.repeats, "warmup": options.warmup, "threads": options.threads,
                     "max_piece_px": options.config.max_piece_px,

@@ -39,7 +39,9 @@ def markdown(results: dict[str, Any]) -> str:
         "# edge-classify bench", "",
         f"Command: `{results.get('command', '(not recorded)')}`", "",
         f"Machine: {m.get('model', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gib', '?')} GiB RAM, GPU: "
-        f"{m.get('gpu', 'none')}; {m.get('os', '')}",
+        f"{m.get('gpu', 'none')}; {m.get('os', '')}"
+        + (f"; CPU time taken by other virtual machines (steal) during the run: {m['cpu_steal_pct']:g} %"
+           if m.get("cpu_steal_pct") is not None else ""),
         "Libraries: " + ", ".join(f"{k} {m[k]}" for k in ("lowmag", "numpy", "pyvips", "openslide-python",
                                                           "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt")
                                    if k in m), "",
@@ -89,12 +91,13 @@ def markdown(results: dict[str, Any]) -> str:
             f"{ref['bundle']} ({ref['precision']}, {ref['backend']}/{ref['device']}): the tissue tiled into "
             f"{ref['patch_px']} px patches at {ref['mpp']} µm/px read from level 0, every patch with tissue run "
             f"through the full-resolution model ({ref['gflops_per_patch']} GFLOPs per patch).", "",
-            "| slide | patches | GFLOPs | median ms | p90 ms | " + " | ".join(STAGES) + " |",
-            "|---|---:|---:|---:|---:|" + "---:|" * len(STAGES),
+            "| slide | patches | GFLOPs | median ms | p90 ms | CPU ms | hash CPU ms | " + " | ".join(STAGES) + " |",
+            "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(STAGES),
         ]
         for s in ref["slides"]:
             lines.append(f"| {s['relative']} | {s['patches']} | {s['gflops']} | {s['median_ms']:.0f} | "
-                         f"{s['p90_ms']:.0f} | " + " | ".join(_num(s["stages_ms"].get(k)) for k in STAGES) + " |")
+                         f"{s['p90_ms']:.0f} | {_num(s.get('cpu_ms'))} | {_num(s.get('hash_cpu_ms'))} | "
+                         + " | ".join(_num(s["stages_ms"].get(k)) for k in STAGES) + " |")
         lines += ["", f"Median {ref['median_ms_per_slide']:.0f} ms per slide, {ref['slides_per_hour']} slides/hour, "
                       f"peak RSS {ref['peak_rss_mb']:.0f} MB; macro F1 (95% CI) on the labeled images: {_f1(ref)}.", ""]
     return "\n".join(lines) + "\n"
@@ -119,10 +122,14 @@ def floor_section(results: dict[str, Any]) -> list[str]:
              "inputs the pipeline gave it (median of 3). x floor = median ms / floor ms. First run: the "
              "slide's first (warm-up) run, new input shapes included, as a watcher meets every new slide. "
              "The stages are this slide's medians; read and resample run beside inference (the next piece "
-             "is read while one is inferred) and the hash beside everything, so they overlap in time.", "",
+             "is read while one is inferred) and the hash beside everything, so they overlap in time. "
+             "CPU ms: the process's CPU time per run, every thread counted (median), beside the floor's own; "
+             "with n cores a run takes at least CPU / n of wall time, so work beside the stages is not free "
+             "where the cores are busy. Hash CPU ms: the sha256 of the slide's files, in its thread beside "
+             "everything (its stage is only the wait for it at the end).", "",
              "| bundle | backend | slide | median ms | first run ms | floor ms (decode + inference) | x floor | "
-             + " | ".join(f"{stage} ms" for stage in STAGES) + " |",
-             "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(STAGES)]
+             "CPU ms (floor's) | hash CPU ms | " + " | ".join(f"{stage} ms" for stage in STAGES) + " |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(STAGES)]
     for r in results["students"]:
         for s in r["slides"]:
             floor = s.get("floor_ms") or {}
@@ -130,6 +137,7 @@ def floor_section(results: dict[str, Any]) -> list[str]:
                 f"| {r['bundle']} | {r['backend']}/{r['device']} | {s['relative']} | {s['median_ms']:.0f} "
                 f"| {_num(s.get('first_ms'))} | {_num(floor.get('total'))} ({_num(floor.get('decode'))} + "
                 f"{_num(floor.get('inference'))}) | {_times(s.get('floor_ratio'), '.2f')} | "
+                f"{_num(s.get('cpu_ms'))} ({_num(floor.get('cpu'))}) | {_num(s.get('hash_cpu_ms'))} | "
                 + " | ".join(_num(s["stages_ms"].get(stage)) for stage in STAGES) + " |")
     return lines
 

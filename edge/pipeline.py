@@ -48,7 +48,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -65,6 +65,7 @@ from lowmag.concurrency import in_background
 from lowmag.tissue import Modality, TissueBox, TissueParams, colour_saturation, find_tissue_checked_beside
 
 logger = logging.getLogger("lowmag.edge")
+T = TypeVar("T")
 
 #: The smallest side export-student traces graphs for (export.onnx_graph.MIN_SIDE).
 MIN_INPUT_SIDE = 16
@@ -134,6 +135,9 @@ class Timer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {stage: 0.0 for stage in STAGES}
+        #: CPU seconds of work done in a thread beside the stages (the hash), which no stage
+        #: shows: on two cores it takes a core the stages would use (``edge-classify bench``).
+        self.cpu_beside: dict[str, float] = {}
         self.started = time.perf_counter()
 
     @contextmanager
@@ -143,6 +147,16 @@ class Timer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - tick
+
+    def beside(self, name: str, job: Callable[[], T]) -> Callable[[], T]:
+        """``job`` for a thread beside the stages, its thread's CPU seconds kept as ``cpu_beside[name]``."""
+        def timed() -> T:
+            tick = time.thread_time()
+            try:
+                return job()
+            finally:
+                self.cpu_beside[name] = self.cpu_beside.get(name, 0.0) + time.thread_time() - tick
+        return timed
 
     def ms(self) -> dict[str, float]:
         out = {name: round(value * 1000.0, 1) for name, value in self.seconds.items()}
@@ -385,7 +399,7 @@ class SlideClassifier:
         if content is None:
             names = list(files) if files else ([path] if path.is_file() else sorted(path.iterdir()))
             content = lambda: (*content_hash(names), len(names))  # noqa: E731 - the job for the thread
-        hashing = in_background(content, "lowmag-hash") if callable(content) else None
+        hashing = in_background(timer.beside("hash", content), "lowmag-hash") if callable(content) else None
         try:
             result = self._classify(path, should_stop, timer)
         except BaseException as error:

@@ -49,6 +49,8 @@ def test_bench_reports_every_student_on_every_runtime_against_the_reference(
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == "lowmag.edge.bench/1"
     assert results["machine"]["cores"] and results["machine"]["onnxruntime"]
+    steal = results["machine"]["cpu_steal_pct"]  # Linux: the share other virtual machines took
+    assert steal is None or 0.0 <= steal <= 100.0
     runs = {(r["bundle"], r["backend"]) for r in results["students"]}
     assert runs == {("onnx", "onnxruntime"), ("onnx", "openvino"), ("openvino", "openvino")}
     for row in results["students"]:
@@ -68,6 +70,10 @@ def test_bench_reports_every_student_on_every_runtime_against_the_reference(
             assert floor["total"] == pytest.approx(floor["decode"] + floor["inference"], abs=0.15)
             assert slide["floor_ratio"] == pytest.approx(slide["median_ms"] / floor["total"], rel=0.01)
             assert slide["first_ms"] > 0
+            # CPU time, every thread of the process, the hash's own thread within it
+            assert slide["cpu_ms"] > 0 and floor["cpu"] > 0
+            assert 0 <= slide["hash_cpu_ms"] <= slide["cpu_ms"]
+            assert "cpu" not in slide["stages_ms"] and "hash_cpu" not in slide["stages_ms"]
         assert row["floor_ratio_median"] > 0
     ref = results["reference"]
     assert all(s["patches"] > 0 for s in ref["slides"]) and ref["gflops_per_slide"] > 0
@@ -75,6 +81,7 @@ def test_bench_reports_every_student_on_every_runtime_against_the_reference(
     for slide in ref["slides"]:  # every part of the reference's time is in a stage, the hash included
         stages = slide["stages_ms"]
         assert stages["hash"] >= 0 and stages["tissue"] > 0 and stages["inference"] > 0
+        assert slide["cpu_ms"] > 0 and 0 <= slide["hash_cpu_ms"] <= slide["cpu_ms"]
 
     report = (out / "report.md").read_text()
     student_rows = [line for line in report.splitlines() if line.startswith("| onnx |") or
@@ -162,3 +169,13 @@ def test_a_labeled_folder_that_does_not_fit_the_bundle_fails_before_any_timing(o
     assert result.returncode == 1
     assert f"{images}: subfolders ['bone'] are not classes of this model" in result.stderr
     assert "benchmarking" not in result.stderr and not out.exists()  # nothing was timed or written
+
+
+def test_the_steal_share_is_the_other_guests_part_of_all_cpu_time():
+    from lowmag.edge.bench import cpu_ticks, steal_pct
+
+    assert steal_pct((10, 1000), (30, 1200)) == 10.0
+    assert steal_pct(None, (30, 1200)) is None and steal_pct((10, 1000), (10, 1000)) is None
+    ticks = cpu_ticks()
+    if ticks is not None:  # Linux: steal is part of all
+        assert 0 <= ticks[0] <= ticks[1]

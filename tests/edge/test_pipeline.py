@@ -44,6 +44,30 @@ def test_a_slide_is_classified_piece_by_piece_with_calibrated_probabilities(onnx
     assert timings["read"] > 0 and timings["tissue"] > 0
 
 
+def test_the_hash_beside_the_stages_has_its_cpu_time_counted(onnx_bundle, slide_factory, tmp_path):
+    """The hash runs in a thread beside the stages and its stage is only the wait for it, so
+    its cost shows as CPU time (edge-classify bench's hash CPU column): it grows with the
+    file's bytes, and a thread that waits is not counted."""
+    import time
+
+    from lowmag.edge.pipeline import Timer
+
+    path = slide_factory("hashed.tif", 1024, 768, blobs=(Blob(300, 380, 200, 250),))
+    big = tmp_path / "big.tif"  # the same slide with 96 MB of trailing bytes no reader looks at
+    big.write_bytes(path.read_bytes() + bytes(96 << 20))
+    model = classifier(onnx_bundle)
+    small_cpu = model.classify(path).timer.cpu_beside["hash"]
+    big_result = model.classify(big)
+    big_cpu = big_result.timer.cpu_beside["hash"]
+    assert big_result.label == "pink" and big_cpu > small_cpu
+    assert big_cpu > 0.02  # sha256 of 96 MB: about 0.08 s of a core at 1.2 GB/s
+    assert "hash" in big_result.timer.ms()  # the stage: the wait at the end, however short
+
+    timer = Timer()
+    timer.beside("sleep", lambda: time.sleep(0.3))()
+    assert timer.cpu_beside["sleep"] < 0.1  # waiting is not CPU time
+
+
 def test_large_pieces_are_tiled_and_agree_with_the_whole_piece(onnx_bundle, slide_factory):
     path = slide_factory("big-piece.tif", 1600, 1200, blobs=(Blob(800, 600, 700, 520),))
     whole = classifier(onnx_bundle).classify(path)
