@@ -411,12 +411,12 @@ def cpu_ticks() -> tuple[int, int] | None:
     try:
         with open("/proc/stat", encoding="ascii") as stat_file:
             fields = stat_file.readline().split()
-    except OSError:
+        if not fields or fields[0] != "cpu" or len(fields) < 9:
+            return None
+        values = [int(v) for v in fields[1:9]]
+    except (OSError, ValueError):
         return None
-    if not fields or fields[0] != "cpu" or len(fields) < 9:
-        return None
-    values = [int(v) for v in fields[1:]]
-    return values[7], sum(values[:8])  # user..steal; guest time is already within user
+    return values[7], sum(values)  # user..steal; guest time is already within user
 
 
 def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
