@@ -145,13 +145,13 @@ Run = Callable[[Path, Sequence[Path]], tuple[dict[str, float], dict[str, Any]]]
 CPU_KEYS = {"cpu": "cpu_ms", "hash_cpu": "hash_cpu_ms"}
 
 
-def with_cpu(timer: Timer, process_cpu_since: float) -> dict[str, float]:
+def with_cpu(timer: Timer) -> dict[str, float]:
     """A run's stage milliseconds plus its CPU milliseconds: ``cpu`` for the whole process
-    (every thread: runtimes, libvips, the hash) since ``process_cpu_since``
-    (``time.process_time()``), ``hash_cpu`` for the hash's own thread. On a machine with n
-    cores a slide cannot take less wall time than cpu / n."""
+    (every thread: runtimes, libvips, the hash) since the timer started, ``hash_cpu`` for the
+    hash's own thread. On a machine with n cores a slide cannot take less wall time than
+    cpu / n."""
     ms = timer.ms()
-    ms["cpu"] = round((time.process_time() - process_cpu_since) * 1000.0, 1)
+    ms["cpu"] = round((time.process_time() - timer.cpu_started) * 1000.0, 1)
     ms["hash_cpu"] = round(timer.cpu_beside.get("hash", 0.0) * 1000.0, 1)
     return ms
 
@@ -207,14 +207,13 @@ def bench_student(bundle: Bundle, choice: BackendChoice, slides: list, options: 
     classifier = SlideClassifier(bundle, session, options.config)
 
     def run(path: Path, files: Sequence[Path]) -> tuple[dict[str, float], dict[str, Any]]:
-        cpu = time.process_time()
         result = classifier.classify(path, files)
         # The outputs are written as the edge runner writes them (timed as "write"), then dropped.
         write_slide_outputs(scratch, path.name, result, bundle, choice, options.threads,
                             options.config.review_threshold)
         sizes = [size for piece in result.pieces for size in piece.inputs]
-        return with_cpu(result.timer, cpu), {"gflops": significant(bundle_gflops(choice.model, sizes)),
-                                   "label": result.label, "pieces": len(result.pieces), "inputs": len(sizes)}
+        return with_cpu(result.timer), {"gflops": significant(bundle_gflops(choice.model, sizes)),
+                                        "label": result.label, "pieces": len(result.pieces), "inputs": len(sizes)}
 
     with tempfile.TemporaryDirectory(prefix="lowmag-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
@@ -339,14 +338,14 @@ def bench_reference(bundle: Bundle, choice: BackendChoice, slides: list, options
         # Timed like the students, every part in a stage: the hash beside the work (waited
         # for at the end), choosing the patches that hold tissue under "tissue", padding
         # the edge patches under "inference".
-        timer, cpu = Timer(), time.process_time()
+        timer = Timer()
         hashing = in_background(timer.beside("hash", lambda: content_hash(files)))
         try:
             facts = reference_run(path, timer)
         finally:  # waited for even when the run fails: no hash thread outlives its slide
             with timer.stage("hash"):
                 hashing.result()
-        return with_cpu(timer, cpu), facts
+        return with_cpu(timer), facts
 
     def reference_run(path: Path, timer: Timer) -> dict[str, Any]:
         with timer.stage("open"):

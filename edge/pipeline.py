@@ -139,6 +139,8 @@ class Timer:
         #: shows: on two cores it takes a core the stages would use (``edge-classify bench``).
         self.cpu_beside: dict[str, float] = {}
         self.started = time.perf_counter()
+        #: The process's CPU clock (every thread) when the timer started.
+        self.cpu_started = time.process_time()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
